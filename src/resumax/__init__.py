@@ -1,0 +1,51 @@
+"""resumax: training input for JAX / Flax NNX whose data position is part of the checkpoint."""
+
+from resumax import errors, order, records
+from resumax.errors import (
+    CheckpointError,
+    ConfigError,
+    DataSourceError,
+    RecordDecodeError,
+    RecordEncodeError,
+    ResumaxError,
+    StageError,
+    StateMismatchError,
+)
+from resumax.pipeline import Pipeline
+from resumax.records import decode, encode, write_array_record, write_shards
+from resumax.sources import (
+    ArrayRecordSourceConfig,
+    ArrayRecordSourceModule,
+    MemorySource,
+    RecordSource,
+)
+from resumax.stages import BatchMap, Filter, Map, RandomMap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArrayRecordSourceConfig",
+    "ArrayRecordSourceModule",
+    "BatchMap",
+    "CheckpointError",
+    "ConfigError",
+    "DataSourceError",
+    "Filter",
+    "Map",
+    "MemorySource",
+    "Pipeline",
+    "RandomMap",
+    "RecordDecodeError",
+    "RecordEncodeError",
+    "RecordSource",
+    "ResumaxError",
+    "StageError",
+    "StateMismatchError",
+    "decode",
+    "encode",
+    "errors",
+    "order",
+    "records",
+    "write_array_record",
+    "write_shards",
+]

@@ -1,0 +1,5 @@
+"""`python -m resumax` runs the `resumax` command."""
+
+from resumax.cli import main
+
+raise SystemExit(main())

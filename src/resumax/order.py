@@ -1,0 +1,93 @@
+"""Which record comes at which position: pure, vectorised functions of (seed, epoch, position).
+
+The shuffled order is a keyed bijection on [0, num_records) (a Feistel network with cycle walking),
+computed on demand for a block of positions. Nothing of size O(num_records) is ever allocated.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+_FEISTEL_ROUNDS = 4
+_MASK64 = (1 << 64) - 1
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of an epoch. Epoch e uses `seed + e` (epoch 0 -> 42, epoch 1 -> 43, ...)."""
+    return seed + epoch
+
+
+def _splitmix64(value: int) -> int:
+    """One step of SplitMix64 on a Python int: a cheap, well-mixed 64-bit hash."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+@functools.lru_cache(maxsize=64)
+def round_keys(shuffle_seed: int, rounds: int = _FEISTEL_ROUNDS) -> tuple[np.uint64, ...]:
+    """The per-round keys of the Feistel network for one shuffle seed."""
+    keys = []
+    state = shuffle_seed & _MASK64
+    for _ in range(rounds):
+        state = _splitmix64(state)
+        keys.append(state)
+    return tuple(np.uint64(key) for key in keys)
+
+
+def _round_function(right: np.ndarray, key: np.uint64, top_shift: np.uint64) -> np.ndarray:
+    """Multiply-shift hash of (right xor key): the top bits of an odd 64-bit product."""
+    mixed = right ^ key
+    mixed *= _MULTIPLIER
+    mixed >>= top_shift
+    return mixed
+
+
+def _half_bits(num_records: int) -> int:
+    """Bits of each Feistel half: the smallest even-split domain 4**h covering num_records."""
+    bits = max(2, (num_records - 1).bit_length())
+    return (bits + 1) // 2
+
+
+def _feistel(values: np.ndarray, keys: tuple[np.uint64, ...], half_bits: int) -> np.ndarray:
+    """A balanced Feistel network: a bijection on [0, 4**half_bits) for any keys."""
+    shift = np.uint64(half_bits)
+    top_shift = np.uint64(64 - half_bits)
+    left = values >> shift
+    right = values & np.uint64((1 << half_bits) - 1)
+    for key in keys:
+        mixed = _round_function(right, key, top_shift)
+        mixed ^= left
+        left, right = right, mixed
+    return (left << shift) | right
+
+
+def permute(positions: np.ndarray, num_records: int, shuffle_seed: int) -> np.ndarray:
+    """Maps positions in [0, num_records) to record indices through a seeded bijection.
+
+    The Feistel domain is at most 4x num_records; cycle walking re-applies the network to values
+    that land outside [0, num_records) until they fall inside, which keeps it a bijection.
+    """
+    keys = round_keys(shuffle_seed)
+    half_bits = _half_bits(num_records)
+    limit = np.uint64(num_records)
+    values = _feistel(np.asarray(positions, dtype=np.uint64), keys, half_bits)
+    outside = values >= limit
+    while outside.any():
+        values[outside] = _feistel(values[outside], keys, half_bits)
+        outside = values >= limit
+    return values.astype(np.int64)
+
+
+def record_indices(
+    positions: np.ndarray, *, num_records: int, seed: int, epoch: int, shuffle: bool
+) -> np.ndarray:
+    """The record index read at each position of an epoch: identity, or the epoch's permutation."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if not shuffle:
+        return positions
+    return permute(positions, num_records, epoch_seed(seed, epoch))

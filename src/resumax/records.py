@@ -1,0 +1,136 @@
+"""The record codec (a dict of numpy arrays and scalars <-> msgpack bytes) and ArrayRecord writers.
+
+Arrays are stored as (dtype string, shape, raw bytes): exact for every fixed-size dtype, and
+never pickled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+from array_record.python import array_record_module
+
+from resumax.errors import RecordDecodeError, RecordEncodeError
+
+_ARRAY_EXT = 1
+_NUMPY_SCALAR_EXT = 2
+# Object and structured (void) dtypes cannot be described by a dtype string without pickle.
+_UNSUPPORTED_DTYPE_KINDS = frozenset("OV")
+_PYTHON_SCALARS = (bool, int, float, str, bytes, type(None))
+
+
+def _pack_array(key: str, array: np.ndarray) -> bytes:
+    if array.dtype.kind in _UNSUPPORTED_DTYPE_KINDS:
+        raise RecordEncodeError(
+            f"field {key!r} has dtype {array.dtype}, which cannot be stored without pickle; "
+            "convert it to a numeric, bool, bytes or str dtype"
+        )
+    contiguous = np.ascontiguousarray(array)
+    return msgpack.packb((array.dtype.str, list(array.shape), contiguous.tobytes()))
+
+
+def _encode_value(key: str, value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return msgpack.ExtType(_ARRAY_EXT, _pack_array(key, value))
+    if isinstance(value, np.generic):
+        return msgpack.ExtType(_NUMPY_SCALAR_EXT, _pack_array(key, np.asarray(value)))
+    if isinstance(value, _PYTHON_SCALARS):
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            raise RecordEncodeError(f"field {key!r} holds {value}, outside the 64-bit range")
+        return value
+    raise RecordEncodeError(
+        f"field {key!r} has type {type(value).__name__}; a record field must be a numpy array, "
+        "a numpy scalar or a Python bool/int/float/str/bytes/None"
+    )
+
+
+def encode(example: Mapping[str, Any]) -> bytes:
+    """Serialises one example (a dict of str -> array or scalar) to bytes.
+
+    numpy arrays of any fixed-size dtype and shape, numpy scalars and Python scalars round-trip
+    exactly through `decode`.
+    """
+    if not isinstance(example, Mapping):
+        raise RecordEncodeError(f"an example must be a dict, got {type(example).__name__}")
+    packed = {}
+    for key, value in example.items():
+        if not isinstance(key, str):
+            raise RecordEncodeError(f"field names must be str, got {key!r}")
+        packed[key] = _encode_value(key, value)
+    return msgpack.packb(packed)
+
+
+def _decode_ext(code: int, data: bytes) -> Any:
+    dtype, shape, raw = msgpack.unpackb(data)
+    array = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+    if code == _ARRAY_EXT:
+        return array
+    if code == _NUMPY_SCALAR_EXT:
+        return array[()]
+    raise ValueError(f"unknown msgpack extension type {code}")
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """Inverse of `encode`. Arrays are read-only views of `data`; copy one to modify it in place."""
+    try:
+        example = msgpack.unpackb(data, ext_hook=_decode_ext)
+    except Exception as error:
+        raise RecordDecodeError(f"bytes are not a resumax record ({error})") from error
+    if not isinstance(example, dict):
+        raise RecordDecodeError(f"bytes decode to {type(example).__name__}, not a record dict")
+    return example
+
+
+def _as_bytes(example: Mapping[str, Any] | bytes) -> bytes:
+    return example if isinstance(example, bytes) else encode(example)
+
+
+def write_array_record(
+    path: str | os.PathLike, examples: Iterable[Mapping[str, Any] | bytes], *, group_size: int = 1
+) -> int:
+    """Writes examples (dicts, or already encoded bytes) to one ArrayRecord file; returns the count.
+
+    The file is written beside its final name and renamed when complete, so a crash never leaves a
+    truncated file under that name. group_size 1 keeps random access fast.
+    """
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    path = os.fspath(path)
+    partial_path = f"{path}.partial"
+    writer = array_record_module.ArrayRecordWriter(partial_path, f"group_size:{group_size}")
+    if not writer.ok():
+        raise OSError(f"cannot open {partial_path!r} for writing")
+    count = 0
+    try:
+        for example in examples:
+            writer.write(_as_bytes(example))
+            count += 1
+    finally:
+        writer.close()
+    os.replace(partial_path, path)
+    return count
+
+
+def shard_paths(prefix: str | os.PathLike, num_shards: int) -> list[str]:
+    """The file names `write_shards` uses: `prefix-00000-of-0000N.array_record`."""
+    prefix = os.fspath(prefix)
+    return [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+
+
+def write_shards(
+    prefix: str | os.PathLike, examples: Sequence[Mapping[str, Any] | bytes], num_shards: int
+) -> list[str]:
+    """Splits examples into `num_shards` contiguous, near-equal files; returns their paths."""
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    if not isinstance(examples, Sequence):
+        examples = list(examples)
+    bounds = np.linspace(0, len(examples), num_shards + 1).astype(int)
+    paths = shard_paths(prefix, num_shards)
+    for path, start, stop in zip(paths, bounds[:-1], bounds[1:], strict=True):
+        write_array_record(path, (examples[i] for i in range(start, stop)))
+    return paths

@@ -1,0 +1,211 @@
+"""What every resumax source shares: its config, its order, its position and its O(1) state.
+
+A source knows how many records an epoch has and how to read records by index; the order they come
+in is `resumax.order` of (seed, epoch, position), and the position lives in two `nnx.Variable`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from resumax import order
+from resumax.errors import ConfigError, StateMismatchError
+
+STATE_VERSION = 1
+# Positions whose order is computed together: large enough to amortise numpy call overhead,
+# small enough (64 KiB of int64) to stay O(1) in the dataset size.
+ORDER_BLOCK = 8192
+_MAX_SEED = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRecordSourceConfig:
+    """How a source orders its records.
+
+    seed: shuffle seed; epoch e is shuffled with `seed + e`.
+    num_epochs: -1 iterates forever; N > 0 stops after N epochs.
+    shuffle_files: True shuffles records globally (across files) with a fresh order each epoch.
+    """
+
+    seed: int = 42
+    num_epochs: int = -1
+    shuffle_files: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and 2**63-1, got seed={self.seed}")
+        if not isinstance(self.num_epochs, int) or isinstance(self.num_epochs, bool):
+            raise ConfigError(f"num_epochs must be an int, got {self.num_epochs!r}")
+        if self.num_epochs == 0 or self.num_epochs < -1:
+            raise ConfigError(
+                "num_epochs must be -1 (infinite) or a positive int, "
+                f"got num_epochs={self.num_epochs}"
+            )
+        if not isinstance(self.shuffle_files, bool):
+            raise ConfigError(f"shuffle_files must be a bool, got {self.shuffle_files!r}")
+
+
+class DataPosition(nnx.Variable):
+    """A source's position: the epoch and the next position within it, in epoch order."""
+
+
+def fingerprint(names_and_counts: Sequence[tuple[str, int]]) -> str:
+    """A short hash of (name, record count) pairs: identifies a dataset, not where it lives."""
+    payload = json.dumps([[name, int(count)] for name, count in names_and_counts])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class _OrderBlockCache:
+    """The last computed block of an epoch's order; kept off the module's nnx state."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._indices: np.ndarray | None = None
+
+    def get(self, epoch: int, block: int) -> np.ndarray | None:
+        return self._indices if self._key == (epoch, block) else None
+
+    def put(self, epoch: int, block: int, indices: np.ndarray) -> None:
+        self._key, self._indices = (epoch, block), indices
+
+
+class RecordSource(nnx.Module):
+    """Base of resumax sources: order, position and state over `read_records` of a subclass."""
+
+    def __init__(
+        self, config: ArrayRecordSourceConfig, *, records_per_epoch: int, fingerprint: str
+    ):
+        if not isinstance(config, ArrayRecordSourceConfig):
+            raise ConfigError(f"config must be an ArrayRecordSourceConfig, got {config!r}")
+        self.config = config
+        self.records_per_epoch = records_per_epoch
+        self.fingerprint = fingerprint
+        self.current_epoch = DataPosition(0)
+        self.current_index = DataPosition(0)
+        self._order_cache = _OrderBlockCache()
+
+    def read_records(self, record_indices: Sequence[int]) -> list[Any]:
+        """Decoded records at the given dataset indices, in that order."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.records_per_epoch
+
+    def __getitem__(self, index: int) -> Any:
+        if not -self.records_per_epoch <= index < self.records_per_epoch:
+            raise IndexError(f"record index {index} out of range for {self.records_per_epoch}")
+        return self.read_records([index % self.records_per_epoch])[0]
+
+    # Position ---------------------------------------------------------------------------------
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, index of the next record in that epoch's order)."""
+        return self.current_epoch.get_value(), self.current_index.get_value()
+
+    def seek(self, epoch: int, index: int) -> None:
+        """Moves to (epoch, index); an index at the end of an epoch is the start of the next."""
+        epoch += index // self.records_per_epoch
+        self.current_epoch.set_value(int(epoch))
+        self.current_index.set_value(int(index % self.records_per_epoch))
+
+    def finished(self, epoch: int) -> bool:
+        """True once `epoch` is past the last epoch of a finite source."""
+        return self.config.num_epochs != -1 and epoch >= self.config.num_epochs
+
+    def record_indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Dataset indices at positions [start, stop) of an epoch (stop <= records_per_epoch)."""
+        if not self.config.shuffle_files:
+            return np.arange(start, stop, dtype=np.int64)
+        first_block, last_block = start // ORDER_BLOCK, (stop - 1) // ORDER_BLOCK
+        if first_block != last_block:
+            middle = (first_block + 1) * ORDER_BLOCK
+            return np.concatenate(
+                [
+                    self.record_indices(epoch, start, middle),
+                    self.record_indices(epoch, middle, stop),
+                ]
+            )
+        block = self._order_cache.get(epoch, first_block)
+        if block is None:
+            block_start = first_block * ORDER_BLOCK
+            block_stop = min(block_start + ORDER_BLOCK, self.records_per_epoch)
+            block = order.record_indices(
+                np.arange(block_start, block_stop),
+                num_records=self.records_per_epoch,
+                seed=self.config.seed,
+                epoch=epoch,
+                shuffle=True,
+            )
+            self._order_cache.put(epoch, first_block, block)
+        offset = first_block * ORDER_BLOCK
+        return block[start - offset : stop - offset]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yields records from the current position to the end of the last epoch, advancing it."""
+        while True:
+            epoch, index = self.position
+            if self.finished(epoch):
+                return
+            stop = min(index + 256, self.records_per_epoch)
+            records = self.read_records(self.record_indices(epoch, index, stop))
+            for offset, record in enumerate(records, start=1):
+                self.seek(epoch, index + offset)
+                yield record
+
+    # State ------------------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        """The position as a small JSON-serialisable dict, O(1) in the dataset size."""
+        epoch, index = self.position
+        return {
+            "version": STATE_VERSION,
+            "current_epoch": epoch,
+            "current_index": index,
+            "seed": self.config.seed,
+            "shuffle": self.config.shuffle_files,
+            "num_records": self.records_per_epoch,
+            "fingerprint": self.fingerprint,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a position saved by `get_state`, after checking it belongs to this source."""
+        if not isinstance(state, dict):
+            raise StateMismatchError(f"a source state must be a dict, got {type(state).__name__}")
+        expected = self.get_state()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise StateMismatchError(f"source state lacks the field(s) {missing}; got {state!r}")
+        for field in ("version", "fingerprint", "num_records", "seed", "shuffle"):
+            if state[field] != expected[field] or type(state[field]) is not type(expected[field]):
+                raise StateMismatchError(
+                    f"source state field {field!r} is {state[field]!r} but this source has "
+                    f"{expected[field]!r}; the state was saved for another "
+                    f"{'state version' if field == 'version' else 'dataset or config'}"
+                )
+        epoch, index = state["current_epoch"], state["current_index"]
+        for name, value in (("current_epoch", epoch), ("current_index", index)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise StateMismatchError(
+                    f"source state field {name!r} must be an int >= 0, got {value!r}"
+                )
+        if index > self.records_per_epoch:
+            raise StateMismatchError(
+                f"source state field 'current_index' is {index}, past the {self.records_per_epoch} "
+                "records of an epoch"
+            )
+        last_epoch = self.config.num_epochs
+        if last_epoch != -1 and (epoch, index) > (last_epoch, 0):
+            raise StateMismatchError(
+                f"source state field 'current_epoch' is {epoch}, past num_epochs={last_epoch}"
+            )
+        self.seek(epoch, index)

@@ -1,0 +1,39 @@
+"""`MemorySource`: records held in a Python list, for tests, demos and small in-memory data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flax import nnx
+
+from resumax.errors import DataSourceError
+from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
+
+
+class MemorySource(RecordSource):
+    """The same order, position and state as an ArrayRecord source, over in-memory examples.
+
+    Its fingerprint is (name, number of examples): give different datasets different names.
+    """
+
+    def __init__(
+        self,
+        config: ArrayRecordSourceConfig,
+        examples: Sequence[Any],
+        *,
+        name: str = "memory",
+        rngs: nnx.Rngs | None = None,
+    ):
+        if len(examples) == 0:
+            raise DataSourceError(f"MemorySource {name!r} got no examples")
+        self._examples = list(examples)
+        super().__init__(
+            config,
+            records_per_epoch=len(self._examples),
+            fingerprint=fingerprint([(name, len(self._examples))]),
+        )
+
+    def read_records(self, record_indices: Sequence[int]) -> list[Any]:
+        """The examples at the given indices, in that order."""
+        return [self._examples[int(i)] for i in record_indices]
