@@ -11,6 +11,13 @@ from resumax.errors import DataSourceError
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
 
 
+class _Examples:
+    """Holds the examples off the module's nnx state (they are data, not position)."""
+
+    def __init__(self, examples: Sequence[Any]):
+        self.items = list(examples)
+
+
 class MemorySource(RecordSource):
     """The same order, position and state as an ArrayRecord source, over in-memory examples.
 
@@ -27,13 +34,14 @@ class MemorySource(RecordSource):
     ):
         if len(examples) == 0:
             raise DataSourceError(f"MemorySource {name!r} got no examples")
-        self._examples = list(examples)
+        self._examples = _Examples(examples)
         super().__init__(
             config,
-            records_per_epoch=len(self._examples),
-            fingerprint=fingerprint([(name, len(self._examples))]),
+            records_per_epoch=len(examples),
+            fingerprint=fingerprint([(name, len(examples))]),
         )
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """The examples at the given indices, in that order."""
-        return [self._examples[int(i)] for i in record_indices]
+        items = self._examples.items
+        return [items[int(i)] for i in record_indices]

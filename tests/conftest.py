@@ -1,0 +1,35 @@
+"""Shared fixtures: small real ArrayRecord datasets written to a temp dir."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import resumax
+
+
+def make_examples(count: int) -> list[dict]:
+    """Distinct records: an int64 id, a small float32 feature and a uint8 image."""
+    return [
+        {
+            "id": np.int64(i),
+            "feature": np.full((3,), i, dtype=np.float32),
+            "image": np.full((4, 4, 3), i % 256, dtype=np.uint8),
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """100 records over 3 shard files; returns the glob."""
+    resumax.write_shards(tmp_path / "train", make_examples(100), num_shards=3)
+    return str(tmp_path / "train-*.array_record")
+
+
+@pytest.fixture
+def single_file(tmp_path):
+    """50 records in one file; returns its path."""
+    path = tmp_path / "single.array_record"
+    resumax.write_array_record(path, make_examples(50))
+    return str(path)
