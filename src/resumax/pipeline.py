@@ -7,7 +7,7 @@ stages transform or drop it, batches are stacked, batch stages run, and the posi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -60,7 +60,9 @@ def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         ) from error
 
 
-class Pipeline(nnx.Module):
+# Not a JAX pytree: Orbax v1 rebuilds the pytrees it loads into, so it would restore a copy
+# and leave this pipeline where it was.
+class Pipeline(nnx.Module, pytree=False):
     """Batches of a source's records after per-record and per-batch stages.
 
     Args:
@@ -232,3 +234,17 @@ class Pipeline(nnx.Module):
             raise StateMismatchError(f"pipeline state field 'batches_emitted' is {batches!r}")
         self.source.set_state(state["source"])
         self.batches_emitted.set_value(batches)
+
+    # Orbax v1 `StatefulCheckpointable` ------------------------------------------------------
+
+    async def save(self, directory: Any) -> Awaitable[None]:
+        """Snapshots the state now; the returned awaitable writes it once `directory` exists."""
+        from resumax.checkpoint import save_v1
+
+        return await save_v1(self, directory)
+
+    async def load(self, directory: Any) -> Awaitable[None]:
+        """The returned awaitable reads this process's state file in `directory` and sets it."""
+        from resumax.checkpoint import load_v1
+
+        return await load_v1(self, directory)

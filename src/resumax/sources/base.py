@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,9 @@ class _OrderBlockCache:
         self._key, self._indices = (epoch, block), indices
 
 
-class RecordSource(nnx.Module):
+# Not a JAX pytree, nor are its subclasses: Orbax v1 rebuilds the pytrees it loads into, so it
+# would restore a copy and leave this source where it was.
+class RecordSource(nnx.Module, pytree=False):
     """Base of resumax sources: order, position and state over `read_records` of a subclass."""
 
     def __init__(
@@ -209,3 +211,20 @@ class RecordSource(nnx.Module):
                 f"source state field 'current_epoch' is {epoch}, past num_epochs={last_epoch}"
             )
         self.seek(epoch, index)
+
+    # Orbax v1 `StatefulCheckpointable` ------------------------------------------------------
+
+    def __init_subclass__(cls, pytree: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(pytree=pytree, **kwargs)
+
+    async def save(self, directory: Any) -> Awaitable[None]:
+        """Snapshots the state now; the returned awaitable writes it once `directory` exists."""
+        from resumax.checkpoint import save_v1
+
+        return await save_v1(self, directory)
+
+    async def load(self, directory: Any) -> Awaitable[None]:
+        """The returned awaitable reads this process's state file in `directory` and sets it."""
+        from resumax.checkpoint import load_v1
+
+        return await load_v1(self, directory)
