@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 lint: venv
-	$(BIN)/ruff check src tests examples benchmarks
-	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/pytest
