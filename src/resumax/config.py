@@ -1,0 +1,228 @@
+"""Typed training configs: YAML files and `key=value` overrides merged onto structured dataclasses.
+
+OmegaConf checks key names and types against the dataclasses; `validate` checks ranges. Every
+problem becomes a `ConfigError` that names the dotted key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Sequence
+
+import optax
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from resumax.errors import ConfigError
+
+PREPARE_CHOICES = ("digits",)
+MODEL_CHOICES = ("mlp", "cnn")
+SCHEDULE_CHOICES = ("constant", "cosine", "warmup_cosine")
+_MAX_SEED = 2**32 - 1
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the records are and how they are ordered and batched.
+
+    `train_paths` / `test_paths` are globs; `prepare: digits` writes scikit-learn's digits there
+    on first use. The order is a function of `seed` alone.
+    """
+
+    dir: str = "runs/data/digits"
+    train_paths: str = "${data.dir}/train-*.array_record"
+    test_paths: str = "${data.dir}/test-*.array_record"
+    prepare: str | None = None
+    seed: int = 0
+    num_epochs: int = -1
+    shuffle_files: bool = True
+    batch_size: int = 32
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """A small classifier: `mlp` (hidden_sizes) or `cnn` (channels, 3x3 convs + 2x2 pooling)."""
+
+    name: str = "mlp"
+    hidden_sizes: list[int] = dataclasses.field(default_factory=lambda: [128, 64])
+    channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32])
+    dropout: float = 0.0
+    num_classes: int = 10
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """An Optax optimizer by name (e.g. adam, adamw, sgd), its learning-rate schedule and decay."""
+
+    name: str = "adam"
+    learning_rate: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Length of the run, how often to log, evaluate and checkpoint, and where outputs go."""
+
+    num_steps: int = 1000
+    log_every: int = 10
+    eval_every: int = 200
+    checkpoint_every: int = 100
+    run_dir: str = "runs/digits"
+    checkpoint_dir: str = "${train.run_dir}/checkpoints"
+    max_to_keep: int = 3
+    seed: int = 0
+    distributed: bool = False
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole training config: one section per concern."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def _omegaconf_error(error: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or "<config>"
+    reason = str(getattr(error, "msg", error)).splitlines()[0]
+    return ConfigError(f"{key}: {reason} (in {origin})")
+
+
+def _load_yaml(path: str | os.PathLike) -> object:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {os.fspath(path)!r} does not exist")
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:
+        raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {error}") from error
+
+
+def _parse_overrides(overrides: Sequence[str]) -> object:
+    for override in overrides:
+        if "=" not in override or override.startswith("="):
+            raise ConfigError(f"override {override!r} must look like key=value, e.g. train.seed=1")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise _omegaconf_error(error, "command-line overrides") from error
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file at `path` <- `key=value` overrides, checked and validated.
+
+    Returns a plain `Config` (interpolations such as `${data.dir}` resolved). Raises ConfigError
+    naming the key for unknown keys, wrong types and out-of-range values.
+    """
+    merged = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        layers.append((_load_yaml(path), f"config file {os.fspath(path)!r}"))
+    layers.append((_parse_overrides(overrides), "command-line overrides"))
+    for layer, origin in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as error:
+            raise _omegaconf_error(error, origin) from error
+    try:
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _omegaconf_error(error, "the merged config") from error
+    validate(config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    """The config as YAML, e.g. to record next to a run's outputs."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def changed_keys(before: Config, after: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs, e.g. ["train.num_steps"]."""
+    return [
+        f"{section.name}.{field.name}"
+        for section in dataclasses.fields(Config)
+        for field in dataclasses.fields(getattr(before, section.name))
+        if getattr(getattr(before, section.name), field.name)
+        != getattr(getattr(after, section.name), field.name)
+    ]
+
+
+def _require(condition: bool, key: str, expectation: str, value: object) -> None:
+    if not condition:
+        raise ConfigError(f"{key} must be {expectation}, got {value!r}")
+
+
+def _validate_data(data: DataConfig) -> None:
+    _require(
+        data.prepare in (None, *PREPARE_CHOICES), "data.prepare", "null or 'digits'", data.prepare
+    )
+    _require(0 <= data.seed <= _MAX_SEED, "data.seed", "between 0 and 2**32-1", data.seed)
+    _require(
+        data.num_epochs == -1 or data.num_epochs > 0,
+        "data.num_epochs",
+        "-1 (infinite) or > 0",
+        data.num_epochs,
+    )
+    _require(data.batch_size > 0, "data.batch_size", "> 0", data.batch_size)
+    for key in ("dir", "train_paths", "test_paths"):
+        _require(bool(getattr(data, key)), f"data.{key}", "a non-empty path", getattr(data, key))
+
+
+def _validate_model(model: ModelConfig) -> None:
+    _require(model.name in MODEL_CHOICES, "model.name", f"one of {MODEL_CHOICES}", model.name)
+    sizes_ok = all(size > 0 for size in model.hidden_sizes)
+    _require(sizes_ok, "model.hidden_sizes", "a list of ints > 0", model.hidden_sizes)
+    channels_ok = bool(model.channels) and all(c > 0 for c in model.channels)
+    _require(channels_ok, "model.channels", "a non-empty list of ints > 0", model.channels)
+    _require(0.0 <= model.dropout < 1.0, "model.dropout", "in [0, 1)", model.dropout)
+    _require(model.num_classes > 1, "model.num_classes", "> 1", model.num_classes)
+
+
+def _validate_optimizer(optimizer: OptimizerConfig, num_steps: int) -> None:
+    factory = getattr(optax, optimizer.name, None)
+    takes_learning_rate = callable(factory) and (
+        "learning_rate" in inspect.signature(factory).parameters
+    )
+    _require(
+        takes_learning_rate,
+        "optimizer.name",
+        "an optax optimizer taking a learning_rate (adam, adamw, sgd, ...)",
+        optimizer.name,
+    )
+    _require(optimizer.learning_rate > 0, "optimizer.learning_rate", "> 0", optimizer.learning_rate)
+    _require(
+        optimizer.schedule in SCHEDULE_CHOICES,
+        "optimizer.schedule",
+        f"one of {SCHEDULE_CHOICES}",
+        optimizer.schedule,
+    )
+    _require(optimizer.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0", optimizer.warmup_steps)
+    _require(
+        optimizer.schedule != "warmup_cosine" or optimizer.warmup_steps < num_steps,
+        "optimizer.warmup_steps",
+        f"< train.num_steps ({num_steps}) with schedule warmup_cosine",
+        optimizer.warmup_steps,
+    )
+    _require(optimizer.weight_decay >= 0, "optimizer.weight_decay", ">= 0", optimizer.weight_decay)
+
+
+def _validate_train(train: TrainConfig) -> None:
+    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep"):
+        _require(getattr(train, key) > 0, f"train.{key}", "> 0", getattr(train, key))
+    _require(0 <= train.seed <= _MAX_SEED, "train.seed", "between 0 and 2**32-1", train.seed)
+    for key in ("run_dir", "checkpoint_dir"):
+        _require(bool(getattr(train, key)), f"train.{key}", "a non-empty path", getattr(train, key))
+
+
+def validate(config: Config) -> None:
+    """Checks value ranges and choices; raises ConfigError naming the first bad key."""
+    _validate_train(config.train)
+    _validate_data(config.data)
+    _validate_model(config.model)
+    _validate_optimizer(config.optimizer, config.train.num_steps)
