@@ -1,0 +1,350 @@
+"""The reference training loop: a Flax NNX model, an Optax optimizer and a resumax pipeline, with
+params, optimizer state and data position saved together in one Orbax step and resumed bit-exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from resumax.checkpoint import CheckpointRestore, CheckpointSave
+from resumax.config import Config, DataConfig, OptimizerConfig
+from resumax.datasets import prepare_digits
+from resumax.errors import CheckpointError, DataSourceError, ResumaxError
+from resumax.models import build_model, cross_entropy
+from resumax.pipeline import Pipeline
+from resumax.preemption import PreemptionWatch
+from resumax.runlog import METRICS_FILE, MetricsLog, plot_metrics, read_metrics, record_config
+from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
+
+# Folded into the train seed to derive dropout keys, so they never coincide with the init keys.
+_DROPOUT_STREAM = 0x64726F70
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """How a call to `train` ended: the last step reached and whether it was cut short."""
+
+    step: int
+    resumed_from: int | None
+    preempted: bool
+    final_loss: float | None
+    params_sha256: str
+
+
+def features(example: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Record -> model inputs: float32 image and int32 label (JAX's default integer width)."""
+    return {
+        "image": np.asarray(example["image"], dtype=np.float32),
+        "label": np.asarray(example["label"], dtype=np.int32),
+    }
+
+
+def build_pipeline(data: DataConfig, paths: str, *, evaluation: bool = False) -> Pipeline:
+    """Training batches (seeded order, `data.num_epochs`) or one ordered pass for evaluation."""
+    source_config = (
+        ArrayRecordSourceConfig(seed=data.seed, num_epochs=1, shuffle_files=False)
+        if evaluation
+        else ArrayRecordSourceConfig(
+            seed=data.seed, num_epochs=data.num_epochs, shuffle_files=data.shuffle_files
+        )
+    )
+    try:
+        source = ArrayRecordSourceModule(source_config, paths)
+    except DataSourceError as error:
+        if data.prepare is not None:
+            raise
+        raise DataSourceError(
+            f"{error}; point data.train_paths / data.test_paths at ArrayRecord files, or set "
+            "data.prepare=digits to write the embedded digits data set there"
+        ) from error
+    return Pipeline(source=source, stages=[features], batch_size=data.batch_size, rngs=data.seed)
+
+
+def build_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
+    """`optax.<name>` with the configured schedule; weight decay is passed to optimizers that
+    take it (decoupled, e.g. adamw) and otherwise added to the gradient (`add_decayed_weights`)."""
+    peak = config.learning_rate
+    if config.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(peak, decay_steps=num_steps)
+    elif config.schedule == "warmup_cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, config.warmup_steps, num_steps)
+    else:
+        schedule = optax.constant_schedule(peak)
+    factory = getattr(optax, config.name)
+    if "weight_decay" in inspect.signature(factory).parameters:
+        return factory(learning_rate=schedule, weight_decay=config.weight_decay)
+    if config.weight_decay:
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), factory(schedule))
+    return factory(learning_rate=schedule)
+
+
+def make_steps(graphdef: nnx.GraphDef, seed: int, dropout: bool) -> tuple[Callable, Callable]:
+    """Jitted pure functions over the split (model, optimizer) state.
+
+    train_step(state, images, labels, step) -> (state, loss, accuracy); the dropout key is
+    `fold_in(key(seed) + stream, step)`, so a resumed run draws the same masks.
+    eval_step(state, images, labels, mask) -> (sum of losses, number correct) over unmasked rows.
+    """
+    dropout_base = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
+
+    @jax.jit
+    def train_step(state, images, labels, step):
+        model, optimizer = nnx.merge(graphdef, state)
+        key = jax.random.fold_in(dropout_base, step) if dropout else None
+
+        def loss_fn(model):
+            logits = model(images, key)
+            return cross_entropy(logits, labels).mean(), logits
+
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        accuracy = (logits.argmax(-1) == labels).mean()
+        return nnx.state((model, optimizer)), loss, accuracy
+
+    @jax.jit
+    def eval_step(state, images, labels, mask):
+        model, _ = nnx.merge(graphdef, state)
+        logits = model(images)
+        correct = (logits.argmax(-1) == labels) * mask
+        return (cross_entropy(logits, labels) * mask).sum(), correct.sum()
+
+    return train_step, eval_step
+
+
+def evaluate(eval_step: Callable, state: Any, pipeline: Pipeline, start: dict) -> dict[str, float]:
+    """Mean loss and accuracy over one pass of `pipeline`, rewound to its `start` state first.
+
+    A short last batch is zero-padded and masked so that one compiled eval_step serves all.
+    """
+    pipeline.set_state(start)
+    loss_sum, correct, count = 0.0, 0.0, 0
+    for batch in pipeline:
+        rows = len(batch["label"])
+        pad = pipeline.batch_size - rows
+        images, labels = (
+            np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+            for v in (batch["image"], batch["label"])
+        )
+        mask = (np.arange(pipeline.batch_size) < rows).astype(np.float32)
+        batch_loss, batch_correct = eval_step(state, images, labels, mask)
+        loss_sum, correct, count = (
+            loss_sum + float(batch_loss),
+            correct + float(batch_correct),
+            count + rows,
+        )
+    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+
+
+def checkpoint_tree(state: nnx.State) -> dict[str, Any]:
+    """The (model, optimizer) state as the plain dict Orbax stores: {"model", "optimizer"}."""
+    pure = nnx.to_pure_dict(state)
+    return {"model": pure[0], "optimizer": pure[1]}
+
+
+def params_sha256(tree: dict[str, Any]) -> str:
+    """A digest of the model's parameter bytes, to compare runs at a glance."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree["model"]):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+class _Run:
+    """One process's share of a run: builds everything from the config and owns the outputs."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        data, train = config.data, config.train
+        if data.prepare == "digits" and prepare_digits(data.dir):
+            print(f"prepared the digits data set in {data.dir}", flush=True)
+        self.pipeline = build_pipeline(data, data.train_paths)
+        self.eval_pipeline = build_pipeline(data, data.test_paths, evaluation=True)
+        self.eval_start = self.eval_pipeline.get_state()
+        image_shape = self.pipeline.source[0]["image"].shape
+        model = build_model(config.model, image_shape, train.seed)
+        optimizer = nnx.Optimizer(
+            model, build_optimizer(config.optimizer, train.num_steps), wrt=nnx.Param
+        )
+        self.graphdef, self.state = nnx.split((model, optimizer))
+        self.train_step, self.eval_step = make_steps(
+            self.graphdef, train.seed, dropout=config.model.dropout > 0
+        )
+        self.primary = jax.process_index() == 0
+        os.makedirs(train.run_dir, exist_ok=True)
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(train.checkpoint_dir),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=train.max_to_keep,
+                create=True,
+                cleanup_tmp_directories=True,
+                enable_async_checkpointing=True,
+            ),
+        )
+        self.saved_step: int | None = None
+
+    def restore_latest(self) -> int | None:
+        """Restores params, optimizer state and data position of the latest committed step."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(checkpoint_tree(self.state)),
+                    data=CheckpointRestore(self.pipeline),
+                ),
+            )
+        except ResumaxError:
+            raise
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot restore step {step} from {self.manager.directory}: {error}; was it "
+                "written with another model or optimizer config? Use a new train.run_dir"
+            ) from error
+        pure = {0: restored.state["model"], 1: restored.state["optimizer"]}
+        nnx.replace_by_pure_dict(self.state, pure)
+        self.saved_step = step
+        return step
+
+    def save(self, step: int) -> None:
+        """Starts an async save of step `step` (params, optimizer state, data position)."""
+        if step == self.saved_step:
+            return
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(checkpoint_tree(self.state)),
+                data=CheckpointSave(self.pipeline),
+            ),
+            force=True,
+        )
+        self.saved_step = step
+
+    def metrics_line(
+        self, step: int, loss: jax.Array, accuracy: jax.Array
+    ) -> dict[str, Any] | None:
+        """The metrics of `step` if it is logged (every log_every and eval_every, and the last)."""
+        train = self.config.train
+        if step % train.log_every and step % train.eval_every and step != train.num_steps:
+            return None
+        line = {"step": step, "loss": float(loss), "accuracy": float(accuracy)}
+        if step % train.eval_every == 0:
+            line.update(evaluate(self.eval_step, self.state, self.eval_pipeline, self.eval_start))
+        return line
+
+    def loop(
+        self, start: int, metrics: MetricsLog | None, watch: PreemptionWatch
+    ) -> tuple[int, bool]:
+        """Trains from step `start`; returns (last step, whether preemption stopped it).
+
+        Checks for preemption before each step, so the step it returns is fully applied.
+        """
+        train = self.config.train
+        step, resumed = start, start > 0
+        mark_time, mark_step = time.perf_counter(), step
+        records_per_step = self.pipeline.batch_size * jax.process_count()
+        batches = iter(self.pipeline)
+        with tqdm(total=train.num_steps, initial=step, unit="step", disable=None) as bar:
+            while step < train.num_steps:
+                if watch.reached(self.manager, step):
+                    return step, True
+                batch = next(batches, None)
+                if batch is None:
+                    print(f"the data ended after step {step} (data.num_epochs)", flush=True)
+                    break
+                self.state, loss, accuracy = self.train_step(
+                    self.state, batch["image"], batch["label"], np.int32(step)
+                )
+                step += 1
+                bar.update(1)
+                line = self.metrics_line(step, loss, accuracy)
+                if line is not None:
+                    now = time.perf_counter()
+                    rate = (step - mark_step) * records_per_step / (now - mark_time)
+                    line.update(records_per_s=rate, resumed=resumed)
+                    if metrics is not None:
+                        metrics.write(line)
+                    bar.set_postfix(loss=f"{line['loss']:.4f}", records_per_s=f"{rate:.0f}")
+                    mark_time, mark_step, resumed = now, step, False
+                if step % train.checkpoint_every == 0:
+                    self.save(step)
+        return step, False
+
+
+def train(config: Config) -> TrainResult:
+    """Runs (or resumes) the configured training to `train.num_steps`, or until SIGTERM.
+
+    Prints "resumed from step N" when it restores a checkpoint. On SIGTERM it saves the current
+    step, waits for the commit and returns with `preempted=True`. Must run on the main thread
+    (it installs the SIGTERM handler).
+    """
+    train_config = config.train
+    if train_config.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+    watch = PreemptionWatch()
+    run = None
+    metrics = None
+    try:
+        run = _Run(config)
+        resumed_from = run.restore_latest()
+        if resumed_from is not None:
+            print(f"resumed from step {resumed_from}", flush=True)
+        if run.primary:
+            record_config(train_config.run_dir, config)
+            metrics = MetricsLog(train_config.run_dir, resumed_from or 0)
+        step, preempted = run.loop(resumed_from or 0, metrics, watch)
+        if step > 0:
+            run.save(step)
+        run.manager.wait_until_finished()
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if run is not None:
+            run.manager.close()
+        watch.close()
+    return _finish(run, step, resumed_from, preempted)
+
+
+def _finish(run: _Run, step: int, resumed_from: int | None, preempted: bool) -> TrainResult:
+    """Redraws the plot and reports how the run ended, once the last step is committed."""
+    train_config = run.config.train
+    lines = read_metrics(os.path.join(train_config.run_dir, METRICS_FILE))
+    plot = plot_metrics(train_config.run_dir) if run.primary and lines else None
+    result = TrainResult(
+        step=step,
+        resumed_from=resumed_from,
+        preempted=preempted,
+        final_loss=lines[-1]["loss"] if lines else None,
+        params_sha256=params_sha256(checkpoint_tree(run.state)),
+    )
+    checkpoints = os.path.abspath(train_config.checkpoint_dir)
+    if preempted:
+        print(
+            f"preempted (SIGTERM): saved step {step} to {checkpoints} and waited for the commit; "
+            "run the same command again to resume",
+            flush=True,
+        )
+    print(
+        f"{'stopped' if preempted else 'finished'} at step {step}: last logged loss "
+        f"{result.final_loss!r}, params sha256 {result.params_sha256}",
+        flush=True,
+    )
+    if plot is not None:
+        print(
+            f"metrics: {os.path.join(train_config.run_dir, METRICS_FILE)}  plot: {plot}", flush=True
+        )
+    return result
