@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from resumax.errors import CheckpointError, StateMismatchError
+from resumax.errors import CheckpointError, ConfigError, StateMismatchError
 from resumax.pipeline import Pipeline
 from resumax.sources.base import RecordSource
 
@@ -30,17 +30,8 @@ def state_file_name(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.json"
 
 
-async def _write(path: epath.Path, text: str) -> None:
-    """Runs in Orbax's commit thread, after the step directory exists."""
-    path.write_text(text)
-
-
-def _check_stateful(item: Any) -> None:
-    if not isinstance(item, Stateful):
-        raise CheckpointError(
-            "resumax checkpoint args take an ArrayRecordSourceModule, another resumax source or a "
-            f"Pipeline, got {type(item).__name__}"
-        )
+def _own_state_file(directory: epath.Path) -> epath.Path:
+    return epath.Path(directory) / state_file_name(jax.process_index(), jax.process_count())
 
 
 def snapshot(item: Stateful) -> str:
@@ -48,33 +39,36 @@ def snapshot(item: Stateful) -> str:
     return json.dumps(item.get_state())
 
 
-def find_state_file(directory: epath.Path) -> epath.Path:
-    """This process's state file in an item directory.
+async def _write_state(directory: epath.Path, text: str) -> None:
+    """Writes this process's state file; awaited in the background once `directory` exists."""
+    await asyncio.to_thread(_own_state_file(directory).write_text, text)
 
-    A checkpoint written with another process count has no file of this name; its files all hold
-    the same global record position, so process 0's is read. Splitting that position between a
-    new number of processes is the pipeline's job (elastic resume), not this module's.
+
+def find_state_file(directory: epath.Path) -> epath.Path:
+    """This process's state file in an item directory, or CheckpointError naming what is there.
+
+    A checkpoint written with another process count has no file of this name. Every file holds
+    the same global record position, so process 0's is read; splitting that position between the
+    new processes is the pipeline's job (elastic resume), not this module's.
     """
-    directory = epath.Path(directory)
-    own = directory / state_file_name(jax.process_index(), jax.process_count())
+    own = _own_state_file(directory)
     if own.exists():
         return own
-    counts = sorted(
-        {int(match[2]) for p in directory.iterdir() if (match := _STATE_FILE.fullmatch(p.name))}
-        if directory.is_dir()
-        else set()
-    )
-    if not counts:
+    directory = own.parent
+    names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    saved_counts = sorted({int(m[2]) for name in names if (m := _STATE_FILE.fullmatch(name))})
+    if not saved_counts:
         raise CheckpointError(
-            f"no resumax data state in {directory}: expected {own.name}; was this item saved "
-            "with resumax.checkpoint.CheckpointSave?"
+            f"no resumax data state in {directory} (expected {own.name}, found {names}); "
+            "save the item with resumax.checkpoint.CheckpointSave"
         )
-    if jax.process_count() in counts or not (directory / state_file_name(0, counts[0])).exists():
+    fallback = directory / state_file_name(0, saved_counts[0])
+    if jax.process_count() in saved_counts or not fallback.exists():
         raise CheckpointError(
-            f"{own} is missing: the checkpoint was written by {counts} process(es) but this "
-            "process's file was not; the step is incomplete, restore an earlier step"
+            f"{own.name} is missing in {directory}, which holds {names}: the step is incomplete; "
+            "restore an earlier step"
         )
-    return directory / state_file_name(0, counts[0])
+    return fallback
 
 
 def read_state(path: epath.Path) -> dict[str, Any]:
@@ -85,16 +79,16 @@ def read_state(path: epath.Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read the resumax data state {path}: {error}") from error
     if not isinstance(state, dict):
         raise CheckpointError(
-            f"the resumax data state {path} holds a {type(state).__name__}, not a JSON object"
+            f"the resumax data state {path} holds a JSON {type(state).__name__}, not an object"
         )
     return state
 
 
 def restore_into(item: Stateful, directory: epath.Path) -> Stateful:
-    """Reads this process's state file and sets it on `item`, which is returned.
+    """Reads this process's state file in `directory`, sets it on `item` and returns `item`.
 
-    StateMismatchError (from `set_state`, naming the field, prefixed with the file) when the state
-    belongs to another dataset, seed or config; CheckpointError when the file is missing or bad.
+    Raises StateMismatchError naming the file and the differing field when the state belongs to
+    another dataset, seed or config, and CheckpointError when the file is missing or malformed.
     """
     path = find_state_file(directory)
     state = read_state(path)
@@ -107,7 +101,10 @@ def restore_into(item: Stateful, directory: epath.Path) -> Stateful:
 
 @dataclasses.dataclass(frozen=True)
 class DataStateMetadata:
-    """What `CheckpointManager.item_metadata(step)` shows of a saved data position."""
+    """A saved data position as `CheckpointManager.item_metadata(step)` shows it.
+
+    `batches_emitted` is None for a bare source; `process_count` is how many processes saved it.
+    """
 
     current_epoch: int
     current_index: int
@@ -118,7 +115,7 @@ class DataStateMetadata:
 
 
 def read_metadata(directory: epath.Path) -> DataStateMetadata:
-    """The position stored in an item directory, without needing the source or pipeline."""
+    """The position stored in an item directory, read without the source or pipeline."""
     path = find_state_file(directory)
     state = read_state(path)
     source_state = state.get("source", state)
@@ -132,33 +129,28 @@ def read_metadata(directory: epath.Path) -> DataStateMetadata:
             process_count=int(_STATE_FILE.fullmatch(path.name)[2]),
         )
     except (KeyError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a resumax data state: lacks {error}") from error
+        raise CheckpointError(f"{path} is not a resumax data state: it lacks {error}") from error
 
 
 class DataStateHandler(ocp.AsyncCheckpointHandler):
     """Saves a source's or pipeline's state as `process_{i}-of-{n}.json` in its item directory.
 
     `async_save` snapshots the state on the calling thread and returns a commit future that writes
-    the file once Orbax has created the (temporary) step directory, so `mngr.save` does not wait
-    for the disk and the file is renamed into place together with the rest of the step.
+    the file once Orbax has created the (temporary) step directory: `mngr.save` does not wait for
+    the disk, and the file becomes visible only when the whole step is committed.
     """
 
     async def async_save(
         self, directory: epath.Path, args: CheckpointSave
     ) -> list[ocp.future.Future]:
-        text = snapshot(args.item)
-        path = directory / state_file_name(jax.process_index(), jax.process_count())
-        return [
-            ocp.future.CommitFutureAwaitingContractedSignals(
-                _write(path, text), name="resumax_data_state_save"
-            )
-        ]
+        write = _write_state(directory, snapshot(args.item))
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write, name="resumax_data")]
 
     def save(self, directory: epath.Path, args: CheckpointSave) -> None:
-        text = snapshot(args.item)
-        (directory / state_file_name(jax.process_index(), jax.process_count())).write_text(text)
+        _own_state_file(directory).write_text(snapshot(args.item))
 
     def restore(self, directory: epath.Path, args: CheckpointRestore | None = None) -> Stateful:
+        """Sets the saved state on `args.item` and returns it."""
         if args is None:
             raise CheckpointError(
                 f"restoring the resumax data state in {directory} needs the object to restore "
@@ -172,6 +164,14 @@ class DataStateHandler(ocp.AsyncCheckpointHandler):
     @classmethod
     def typestr(cls) -> str:
         return "resumax.DataStateHandler"
+
+
+def _check_stateful(item: Any) -> None:
+    if not isinstance(item, Stateful):
+        raise ConfigError(
+            "resumax checkpoint args take an ArrayRecordSourceModule, another resumax source or a "
+            f"Pipeline, got {type(item).__name__}"
+        )
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
@@ -196,25 +196,16 @@ class CheckpointRestore(ocp.args.CheckpointArgs):
         _check_stateful(self.item)
 
 
-# Orbax v1 ------------------------------------------------------------------------------------
-
-
-async def save_v1(item: Stateful, directory: Any) -> Awaitable[None]:
-    """`StatefulCheckpointable.save`: snapshots now, writes once `directory` has been created."""
+async def save_v1(item: Stateful, directory: ocp.v1.path.PathAwaitingCreation) -> Awaitable[None]:
+    """Orbax v1 `StatefulCheckpointable.save`: snapshots now; the awaitable writes the file."""
     text = snapshot(item)
 
     async def write() -> None:
-        created = await directory.await_creation()
-        path = created / state_file_name(jax.process_index(), jax.process_count())
-        await asyncio.to_thread(path.write_text, text)
+        await _write_state(await directory.await_creation(), text)
 
     return write()
 
 
 async def load_v1(item: Stateful, directory: epath.Path) -> Awaitable[None]:
-    """`StatefulCheckpointable.load`: reads and sets the state in the background."""
-
-    async def read() -> None:
-        await asyncio.to_thread(restore_into, item, directory)
-
-    return read()
+    """Orbax v1 `StatefulCheckpointable.load`: the awaitable reads the file and sets the state."""
+    return asyncio.to_thread(restore_into, item, directory)
