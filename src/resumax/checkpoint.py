@@ -40,8 +40,11 @@ def snapshot(item: Stateful) -> str:
 
 
 async def _write_state(directory: epath.Path, text: str) -> None:
-    """Writes this process's state file; awaited in the background once `directory` exists."""
-    await asyncio.to_thread(_own_state_file(directory).write_text, text)
+    """Writes this process's state file; runs in a background thread once `directory` exists.
+
+    A write of a few hundred bytes: handing it to yet another thread would cost more than it.
+    """
+    _own_state_file(directory).write_text(text)
 
 
 def find_state_file(directory: epath.Path) -> epath.Path:
