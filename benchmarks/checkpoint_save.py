@@ -43,6 +43,19 @@ def snapshot_seconds(pipeline: resumax.Pipeline) -> float:
     return time.perf_counter() - start
 
 
+async def _nothing() -> None:
+    pass
+
+
+def commit_future_seconds() -> float:
+    """Orbax's own price of a background write, which its JsonCheckpointHandler pays too."""
+    start = time.perf_counter()
+    future = ocp.future.CommitFutureAwaitingContractedSignals(_nothing())
+    elapsed = time.perf_counter() - start
+    future.result()
+    return elapsed
+
+
 def handler_seconds(
     pipeline: resumax.Pipeline, directory: Path, loop: asyncio.AbstractEventLoop
 ) -> float:
@@ -79,11 +92,12 @@ def measure(sizes: list[int], repeats: int, workdir: Path) -> dict[int, dict[str
         pipelines[size] = build_pipeline(workdir / f"data-{size}", size)
         managers[size] = ocp.CheckpointManager(workdir / f"ckpt-{size}", options=options)
     loop = asyncio.new_event_loop()
-    samples = {size: {"snapshot": [], "handler": [], "manager": []} for size in sizes}
+    samples = {size: {"snapshot": [], "future": [], "handler": [], "manager": []} for size in sizes}
     for step in range(-WARMUP, repeats):
         for size in sizes:
             pipeline, times = pipelines[size], samples[size]
             times["snapshot"].append(snapshot_seconds(pipeline))
+            times["future"].append(commit_future_seconds())
             times["handler"].append(handler_seconds(pipeline, workdir / f"items-{size}", loop))
             times["manager"].append(manager_seconds(pipeline, managers[size], step + WARMUP))
     loop.close()
@@ -106,6 +120,7 @@ def main() -> None:
     small, large = rows[args.small], rows[args.large]
     labels = {
         "snapshot": "state snapshot (get_state + json)",
+        "future": "an empty Orbax commit future",
         "handler": "handler async_save, blocking part",
         "manager": "whole mngr.save, data item only",
     }
