@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -311,3 +312,14 @@ def test_orbax_v1_saves_and_loads_pipelines_and_sources_through_their_own_method
     ocp.v1.load_checkpointables(tmp_path / "v1", {"source": fresh_source})
     assert fresh_source.get_state() == pipeline.source.get_state()
     assert_batches_equal(next(iter(fresh)), next(iter(pipeline)))
+
+
+def test_checkpoint_with_model_example_resumes_to_identical_params(tmp_path):
+    script = WORKER.parent.parent / "examples" / "checkpoint_with_model.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    uninterrupted, resumed = re.findall(r"step 50: params (\w+)", result.stdout)
+    assert uninterrupted == resumed
+    assert "new process restored step 30: epoch 1, record 448 of 512" in result.stdout
