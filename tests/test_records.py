@@ -101,7 +101,8 @@ def test_written_files_are_plain_array_record_files(tmp_path):
 
 
 def test_write_shards_names_files_and_splits_records(tmp_path):
-    paths = resumax.write_shards(tmp_path / "train", [{"i": i} for i in range(10)], num_shards=3)
+    prefix = tmp_path / "new" / "dir" / "train"
+    paths = resumax.write_shards(prefix, [{"i": i} for i in range(10)], num_shards=3)
     assert [p.rsplit("/", 1)[1] for p in paths] == [
         "train-00000-of-00003.array_record",
         "train-00001-of-00003.array_record",

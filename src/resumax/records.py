@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
-from resumax.errors import RecordDecodeError, RecordEncodeError
+from resumax.errors import DataSourceError, RecordDecodeError, RecordEncodeError
 
 _ARRAY_EXT = 1
 _NUMPY_SCALAR_EXT = 2
@@ -95,15 +95,17 @@ def write_array_record(
     """Writes examples (dicts, or already encoded bytes) to one ArrayRecord file; returns the count.
 
     The file is written beside its final name and renamed when complete, so a crash never leaves a
-    truncated file under that name. group_size 1 keeps random access fast.
+    truncated file under that name; missing parent directories are created. group_size 1 keeps
+    random access fast.
     """
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial_path = f"{path}.partial"
     writer = array_record_module.ArrayRecordWriter(partial_path, f"group_size:{group_size}")
     if not writer.ok():
-        raise OSError(f"cannot open {partial_path!r} for writing")
+        raise DataSourceError(f"cannot open {partial_path!r} for writing (permissions or disk?)")
     count = 0
     try:
         for example in examples:
