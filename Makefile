@@ -21,7 +21,7 @@ test: lint
 	$(BIN)/pytest
 
 demo: venv
-	$(BIN)/python examples/integration/arrayrecord/01_arrayrecord_quickref.py
+	$(BIN)/python examples/train_demo.py
 
 bench: venv
 	$(BIN)/python benchmarks/throughput.py

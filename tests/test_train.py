@@ -1,0 +1,307 @@
+"""The reference training loop: real digits ArrayRecords, real CheckpointManagers and real
+`python -m resumax train` subprocesses stopped with real SIGTERM / SIGKILL.
+
+The contract: a run interrupted and restarted any number of times logs the same per-step losses
+and ends with bitwise the same params as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from array_record.python import array_record_data_source
+
+import resumax
+import resumax.checkpoint  # noqa: F401 (registers the data item's handler for restores)
+from resumax.config import load_config
+from resumax.datasets import prepare_digits
+from resumax.errors import DataSourceError
+from resumax.runlog import read_metrics
+from resumax.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "digits.yaml"
+NUM_STEPS = 120
+SIGTERM_AT = 30
+TIMEOUT = 180
+# Small and fast: a tiny MLP with dropout (keyed by step), a checkpoint every 5 steps.
+OVERRIDES = [
+    f"train.num_steps={NUM_STEPS}",
+    "train.log_every=1",
+    "train.eval_every=20",
+    "train.checkpoint_every=5",
+    "train.max_to_keep=3",
+    "model.hidden_sizes=[32]",
+    "model.dropout=0.1",
+    "data.batch_size=16",
+    "optimizer.warmup_steps=10",
+]
+VARYING_FIELDS = {"records_per_s", "resumed"}
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data") / "digits"
+    prepare_digits(directory)
+    return directory
+
+
+def command(run_dir: Path, data_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "resumax",
+        "train",
+        "--config",
+        str(CONFIG),
+        *OVERRIDES,
+        f"data.dir={data_dir}",
+        f"train.run_dir={run_dir}",
+    ]
+
+
+class Training:
+    """A `python -m resumax train` child; stdout / stderr go to files, so no pipe can fill up."""
+
+    def __init__(self, run_dir: Path, data_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        attempt = len(list(run_dir.glob("stdout-*.txt")))
+        self.stdout_path = run_dir / f"stdout-{attempt}.txt"
+        self.stderr_path = run_dir / f"stderr-{attempt}.txt"
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                command(run_dir, data_dir), cwd=REPO, stdout=stdout, stderr=stderr
+            )
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def send(self, signum: int) -> None:
+        os.kill(self.process.pid, signum)
+
+    def wait(self) -> tuple[int, str]:
+        status = self.process.wait(timeout=TIMEOUT)
+        return status, self.stdout_path.read_text()
+
+    def finish(self) -> str:
+        """Waits for a process that must succeed; returns its stdout."""
+        status, stdout = self.wait()
+        assert status == 0, f"exit {status}\n{stdout}\n{self.stderr_path.read_text()}"
+        return stdout
+
+
+def run_to_completion(run_dir: Path, data_dir: Path) -> str:
+    return Training(run_dir, data_dir).finish()
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [line["step"] for line in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def wait_until(condition, training: Training, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert training.running(), f"the training process exited before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """Steps Orbax has committed: their directory was renamed from `<step>.orbax-checkpoint-tmp`."""
+    directory = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def partial_steps(run_dir: Path) -> list[str]:
+    return [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.isdigit()]
+
+
+def final_checkpoint(run_dir: Path) -> tuple[int, dict]:
+    """(latest step, {"model": ..., "optimizer": ...}) restored from the run's checkpoints."""
+    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
+        step = manager.latest_step()
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored.state
+
+
+def stable_metrics(run_dir: Path) -> list[dict]:
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    return [{k: v for k, v in line.items() if k not in VARYING_FIELDS} for line in lines]
+
+
+def params_digest(stdout: str) -> str:
+    return re.search(r"params sha256 ([0-9a-f]{64})", stdout)[1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, digits_dir):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    stdout = run_to_completion(run_dir, digits_dir)
+    return run_dir, stdout
+
+
+def assert_same_run(run_dir: Path, reference: tuple[Path, str], stdout: str) -> None:
+    """Per-step metrics (all but records/s and the resumed flag) and final params are bitwise
+    equal, and the metrics file holds exactly one line per step."""
+    reference_dir, reference_stdout = reference
+    assert logged_steps(run_dir) == list(range(1, NUM_STEPS + 1))
+    assert stable_metrics(run_dir) == stable_metrics(reference_dir)
+    step, state = final_checkpoint(run_dir)
+    reference_step, reference_state = final_checkpoint(reference_dir)
+    assert step == reference_step == NUM_STEPS
+    leaves = resumax_leaves(state)
+    reference_leaves = resumax_leaves(reference_state)
+    assert [name for name, _ in leaves] == [name for name, _ in reference_leaves]
+    for (name, value), (_, reference_value) in zip(leaves, reference_leaves, strict=True):
+        assert value.dtype == reference_value.dtype, name
+        assert np.array_equal(value, reference_value), f"{name} differs"
+    assert params_digest(stdout) == params_digest(reference_stdout)
+
+
+def resumax_leaves(state: dict) -> list[tuple[str, np.ndarray]]:
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in flat]
+
+
+# Data -------------------------------------------------------------------------------------------
+
+
+def test_prepared_digits_are_complete_real_records(digits_dir):
+    train_source = resumax.ArrayRecordSourceModule(
+        resumax.ArrayRecordSourceConfig(), f"{digits_dir}/train-*.array_record"
+    )
+    test_source = resumax.ArrayRecordSourceModule(
+        resumax.ArrayRecordSourceConfig(), f"{digits_dir}/test-*.array_record"
+    )
+    assert len(train_source) + len(test_source) == 1797
+    assert len(test_source) == 359
+    record = train_source[0]
+    assert record["image"].shape == (8, 8) and record["image"].dtype == np.float32
+    assert record["image"].min() >= 0.0 and record["image"].max() <= 1.0
+    labels = {int(test_source[i]["label"]) for i in range(len(test_source))}
+    assert labels == set(range(10))
+    plain = array_record_data_source.ArrayRecordDataSource(
+        sorted(str(p) for p in digits_dir.glob("train-*.array_record"))
+    )
+    assert len(plain) == len(train_source)
+    assert resumax.decode(plain[5])["label"] == train_source[5]["label"]
+
+
+def test_prepare_is_idempotent_and_clears_debris_of_a_dead_preparation(tmp_path, digits_dir):
+    target = tmp_path / "digits"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    debris = tmp_path / f"digits.partial-{dead.pid}"
+    debris.mkdir()
+    (debris / "train-00000-of-00004.array_record").write_bytes(b"half a file")
+    assert prepare_digits(target) is True
+    assert not debris.exists()
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in digits_dir.iterdir())
+    assert prepare_digits(target) is False
+
+
+def test_missing_data_without_prepare_names_the_glob(tmp_path):
+    config = load_config(
+        CONFIG,
+        [
+            *OVERRIDES,
+            "data.prepare=null",
+            f"data.dir={tmp_path}/absent",
+            f"train.run_dir={tmp_path}/run",
+        ],
+    )
+    with pytest.raises(DataSourceError, match=re.escape(f"{tmp_path}/absent/train-*.array_record")):
+        train(config)
+    assert not (tmp_path / "absent").exists()
+
+
+# Training ---------------------------------------------------------------------------------------
+
+
+def test_uninterrupted_run_logs_every_step_learns_and_plots(uninterrupted):
+    run_dir, stdout = uninterrupted
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    assert [line["step"] for line in lines] == list(range(1, NUM_STEPS + 1))
+    assert not any(line["resumed"] for line in lines)
+    assert all(line["records_per_s"] > 0 for line in lines)
+    evals = [line for line in lines if "eval_accuracy" in line]
+    assert [line["step"] for line in evals] == list(range(20, NUM_STEPS + 1, 20))
+    assert evals[-1]["eval_accuracy"] > 0.5
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert "resumed from step" not in stdout
+    assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert committed_steps(run_dir) == [110, 115, 120]
+
+
+def test_sigterm_then_restart_is_bitwise_identical(tmp_path, digits_dir, uninterrupted):
+    run_dir = tmp_path / "run"
+    training = Training(run_dir, digits_dir)
+    wait_until(lambda: logged_steps(run_dir)[-1:] >= [SIGTERM_AT], training, f"step {SIGTERM_AT}")
+    training.send(signal.SIGTERM)
+    stdout = training.finish()
+    stopped = int(re.search(r"preempted \(SIGTERM\): saved step (\d+)", stdout)[1])
+    assert SIGTERM_AT <= stopped < NUM_STEPS
+    assert committed_steps(run_dir)[-1] == stopped
+    assert logged_steps(run_dir) == list(range(1, stopped + 1))
+    assert (run_dir / "loss.png").exists()
+
+    stdout = run_to_completion(run_dir, digits_dir)
+    assert f"resumed from step {stopped}" in stdout
+    resumed_lines = [
+        line["step"] for line in read_metrics(run_dir / "metrics.jsonl") if line["resumed"]
+    ]
+    assert resumed_lines == [stopped + 1]
+    assert_same_run(run_dir, uninterrupted, stdout)
+
+
+def test_sigkill_during_a_save_and_at_a_random_time_is_bitwise_identical(
+    tmp_path, digits_dir, uninterrupted
+):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    run_dir = tmp_path / "run"
+
+    # 1. Kill -9 the moment a step directory is being written (after at least one commit).
+    training = Training(run_dir, digits_dir)
+    wait_until(
+        lambda: (
+            (run_dir / "checkpoints").is_dir()
+            and committed_steps(run_dir)
+            and partial_steps(run_dir)
+        ),
+        training,
+        "a checkpoint save after a committed one",
+    )
+    training.send(signal.SIGKILL)
+    assert training.wait()[0] == -signal.SIGKILL
+    committed = committed_steps(run_dir)
+    assert partial_steps(run_dir), "the kill was meant to land during a save"
+
+    # 2. Restart, and kill -9 again at a random moment (startup, restore, a step or a save).
+    training = Training(run_dir, digits_dir)
+    delay = rng.uniform(0.5, 6.0)
+    time.sleep(delay)
+    training.send(signal.SIGKILL)
+    stdout = training.wait()[1]
+    resumed = re.search(r"resumed from step (\d+)", stdout)
+    if resumed is not None:
+        assert int(resumed[1]) == committed[-1], f"seed {seed}, delay {delay:.2f}s"
+    committed = committed_steps(run_dir)
+
+    # 3. Restart and finish: resumes from the last committed step, ends identical.
+    stdout = run_to_completion(run_dir, digits_dir)
+    assert f"resumed from step {committed[-1]}" in stdout, f"seed {seed}, delay {delay:.2f}s"
+    assert not partial_steps(run_dir)
+    assert_same_run(run_dir, uninterrupted, stdout)
