@@ -305,3 +305,28 @@ def test_sigkill_during_a_save_and_at_a_random_time_is_bitwise_identical(
     assert f"resumed from step {committed[-1]}" in stdout, f"seed {seed}, delay {delay:.2f}s"
     assert not partial_steps(run_dir)
     assert_same_run(run_dir, uninterrupted, stdout)
+
+
+def test_cnn_config_trains_in_process_logging_on_log_and_eval_steps(tmp_path, digits_dir):
+    run_dir = tmp_path / "cnn"
+    config = load_config(
+        REPO / "configs" / "digits_cnn.yaml",
+        [
+            "train.num_steps=7",
+            "train.log_every=2",
+            "train.eval_every=3",
+            "train.checkpoint_every=3",
+            "data.batch_size=8",
+            f"data.dir={digits_dir}",
+            f"train.run_dir={run_dir}",
+        ],
+    )
+    result = train(config)
+    assert (result.step, result.preempted, result.resumed_from) == (7, False, None)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [2, 3, 4, 6, 7]
+    assert [line["step"] for line in lines if "eval_accuracy" in line] == [3, 6]
+    assert result.final_loss == lines[-1]["loss"]
+    assert committed_steps(run_dir) == [3, 6, 7]
+    again = train(config)
+    assert (again.step, again.resumed_from, again.params_sha256) == (7, 7, result.params_sha256)

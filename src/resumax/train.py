@@ -52,8 +52,10 @@ def features(example: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
-def build_pipeline(data: DataConfig, paths: str, *, evaluation: bool = False) -> Pipeline:
-    """Training batches (seeded order, `data.num_epochs`) or one ordered pass for evaluation."""
+def build_source(
+    data: DataConfig, paths: str, *, evaluation: bool = False
+) -> ArrayRecordSourceModule:
+    """Training records (seeded order, `data.num_epochs`) or one ordered pass for evaluation."""
     source_config = (
         ArrayRecordSourceConfig(seed=data.seed, num_epochs=1, shuffle_files=False)
         if evaluation
@@ -62,7 +64,7 @@ def build_pipeline(data: DataConfig, paths: str, *, evaluation: bool = False) ->
         )
     )
     try:
-        source = ArrayRecordSourceModule(source_config, paths)
+        return ArrayRecordSourceModule(source_config, paths)
     except DataSourceError as error:
         if data.prepare is not None:
             raise
@@ -70,7 +72,6 @@ def build_pipeline(data: DataConfig, paths: str, *, evaluation: bool = False) ->
             f"{error}; point data.train_paths / data.test_paths at ArrayRecord files, or set "
             "data.prepare=digits to write the embedded digits data set there"
         ) from error
-    return Pipeline(source=source, stages=[features], batch_size=data.batch_size, rngs=data.seed)
 
 
 def build_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
@@ -87,7 +88,8 @@ def build_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTr
     if "weight_decay" in inspect.signature(factory).parameters:
         return factory(learning_rate=schedule, weight_decay=config.weight_decay)
     if config.weight_decay:
-        return optax.chain(optax.add_decayed_weights(config.weight_decay), factory(schedule))
+        decay = optax.add_decayed_weights(config.weight_decay)
+        return optax.chain(decay, factory(learning_rate=schedule))
     return factory(learning_rate=schedule)
 
 
@@ -124,27 +126,27 @@ def make_steps(graphdef: nnx.GraphDef, seed: int, dropout: bool) -> tuple[Callab
     return train_step, eval_step
 
 
-def evaluate(eval_step: Callable, state: Any, pipeline: Pipeline, start: dict) -> dict[str, float]:
+def evaluate(
+    eval_step: Callable, state: Any, pipeline: Pipeline, start: dict, batch_size: int
+) -> dict[str, float]:
     """Mean loss and accuracy over one pass of `pipeline`, rewound to its `start` state first.
 
-    A short last batch is zero-padded and masked so that one compiled eval_step serves all.
+    A short last batch is zero-padded to `batch_size` and masked, so one compiled eval_step
+    serves every batch.
     """
     pipeline.set_state(start)
     loss_sum, correct, count = 0.0, 0.0, 0
     for batch in pipeline:
         rows = len(batch["label"])
-        pad = pipeline.batch_size - rows
         images, labels = (
-            np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+            np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
             for v in (batch["image"], batch["label"])
         )
-        mask = (np.arange(pipeline.batch_size) < rows).astype(np.float32)
+        mask = (np.arange(batch_size) < rows).astype(np.float32)
         batch_loss, batch_correct = eval_step(state, images, labels, mask)
-        loss_sum, correct, count = (
-            loss_sum + float(batch_loss),
-            correct + float(batch_correct),
-            count + rows,
-        )
+        loss_sum += float(batch_loss)
+        correct += float(batch_correct)
+        count += rows
     return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
 
 
@@ -170,10 +172,18 @@ class _Run:
         data, train = config.data, config.train
         if data.prepare == "digits" and prepare_digits(data.dir):
             print(f"prepared the digits data set in {data.dir}", flush=True)
-        self.pipeline = build_pipeline(data, data.train_paths)
-        self.eval_pipeline = build_pipeline(data, data.test_paths, evaluation=True)
+        source = build_source(data, data.train_paths)
+        image_shape = source[0]["image"].shape
+        self.pipeline = Pipeline(
+            source=source, stages=[features], batch_size=data.batch_size, rngs=data.seed
+        )
+        self.eval_pipeline = Pipeline(
+            source=build_source(data, data.test_paths, evaluation=True),
+            stages=[features],
+            batch_size=data.batch_size,
+            rngs=data.seed,
+        )
         self.eval_start = self.eval_pipeline.get_state()
-        image_shape = self.pipeline.source[0]["image"].shape
         model = build_model(config.model, image_shape, train.seed)
         optimizer = nnx.Optimizer(
             model, build_optimizer(config.optimizer, train.num_steps), wrt=nnx.Param
@@ -243,7 +253,15 @@ class _Run:
             return None
         line = {"step": step, "loss": float(loss), "accuracy": float(accuracy)}
         if step % train.eval_every == 0:
-            line.update(evaluate(self.eval_step, self.state, self.eval_pipeline, self.eval_start))
+            line.update(
+                evaluate(
+                    self.eval_step,
+                    self.state,
+                    self.eval_pipeline,
+                    self.eval_start,
+                    self.config.data.batch_size,
+                )
+            )
         return line
 
     def loop(
@@ -256,7 +274,7 @@ class _Run:
         train = self.config.train
         step, resumed = start, start > 0
         mark_time, mark_step = time.perf_counter(), step
-        records_per_step = self.pipeline.batch_size * jax.process_count()
+        records_per_step = self.config.data.batch_size * jax.process_count()
         batches = iter(self.pipeline)
         with tqdm(total=train.num_steps, initial=step, unit="step", disable=None) as bar:
             while step < train.num_steps:
@@ -264,7 +282,7 @@ class _Run:
                     return step, True
                 batch = next(batches, None)
                 if batch is None:
-                    print(f"the data ended after step {step} (data.num_epochs)", flush=True)
+                    bar.write(f"the data ended after step {step} (data.num_epochs)")
                     break
                 self.state, loss, accuracy = self.train_step(
                     self.state, batch["image"], batch["label"], np.int32(step)
