@@ -350,7 +350,9 @@ def _finish(run: _Run, step: int, resumed_from: int | None, preempted: bool) -> 
         params_sha256=params_sha256(checkpoint_tree(run.state)),
     )
     checkpoints = os.path.abspath(train_config.checkpoint_dir)
-    if preempted:
+    if preempted and step == 0:
+        print("preempted (SIGTERM) before the first step: nothing to save", flush=True)
+    elif preempted:
         print(
             f"preempted (SIGTERM): saved step {step} to {checkpoints} and waited for the commit; "
             "run the same command again to resume",
