@@ -6,6 +6,7 @@ cost the same few microseconds whatever the file size or shard count (see REFERE
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections.abc import Callable, Sequence
@@ -145,6 +146,12 @@ class ArrayRecordSourceModule(RecordSource):
             return [decode(data) for data in raw]
         except Exception as error:
             raise self._decode_error(record_indices, raw, error) from error
+
+    def reopener(self) -> Callable[[], ArrayRecordSourceModule]:
+        """Opens the same files (by absolute path) with the same config and decode, e.g. in a
+        worker process."""
+        paths = [os.path.abspath(path) for path in self.paths]
+        return functools.partial(ArrayRecordSourceModule, self.config, paths, decode=self._decode)
 
     def _read_error(self, record_indices: np.ndarray, error: Exception) -> DataSourceError:
         """Names the first record of a failed batch read that cannot be read on its own."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,17 +65,21 @@ def fingerprint(names_and_counts: Sequence[tuple[str, int]]) -> str:
 
 
 class _OrderBlockCache:
-    """The last computed block of an epoch's order; kept off the module's nnx state."""
+    """The last computed block of an epoch's order; kept off the module's nnx state.
+
+    Key and block are swapped in as one tuple, so a reader in another thread (a pipeline's
+    prefetch thread) never pairs a key with another key's block.
+    """
 
     def __init__(self) -> None:
-        self._key: tuple[int, int] | None = None
-        self._indices: np.ndarray | None = None
+        self._entry: tuple[tuple[int, int], np.ndarray] | None = None
 
     def get(self, epoch: int, block: int) -> np.ndarray | None:
-        return self._indices if self._key == (epoch, block) else None
+        entry = self._entry
+        return entry[1] if entry is not None and entry[0] == (epoch, block) else None
 
     def put(self, epoch: int, block: int, indices: np.ndarray) -> None:
-        self._key, self._indices = (epoch, block), indices
+        self._entry = ((epoch, block), indices)
 
 
 # Not a JAX pytree, nor are its subclasses: Orbax v1 rebuilds the pytrees it loads into, so it
@@ -98,6 +102,17 @@ class RecordSource(nnx.Module, pytree=False):
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """Decoded records at the given dataset indices, in that order."""
         raise NotImplementedError
+
+    def reopener(self) -> Callable[[], RecordSource]:
+        """A picklable zero-argument callable that opens this source's data again.
+
+        Worker processes read through it, since open file readers cannot be pickled. The source
+        it returns has the same config and records, at position (0, 0).
+        """
+        raise ConfigError(
+            f"{type(self).__name__} cannot be read in worker processes: it does not implement "
+            "reopener(); use num_workers=0"
+        )
 
     def __len__(self) -> int:
         return self.records_per_epoch

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flax import nnx
@@ -40,6 +41,10 @@ class MemorySource(RecordSource):
             records_per_epoch=len(examples),
             fingerprint=fingerprint([(name, len(examples))]),
         )
+
+    def reopener(self) -> Callable[[], MemorySource]:
+        """A copy of this source over the same examples (pickled with it), e.g. for a worker."""
+        return functools.partial(MemorySource, self.config, self._examples.items)
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """The examples at the given indices, in that order."""
