@@ -1,33 +1,35 @@
-"""`Pipeline`: read -> stages -> batch, with a state that describes exactly the batches delivered.
+"""`Pipeline`: read -> stages -> batch -> device -> prefetch, with a state that describes exactly
+the batches the caller has received.
 
-Reading top to bottom follows a record: the source gives the order and the bytes, per-record
-stages transform or drop it, batches are stacked, batch stages run, and the position is advanced.
+Reading top to bottom follows a record. The stream of positions (epoch * records_per_epoch +
+index) is cut into spans of `batch_size` positions. `RecordPath` reads a span's records, decodes
+them, runs the per-record stages and stacks what they keep, in this process or in worker
+processes. The kept records are cut into batches, batch stages run and the batch is placed on
+devices, a background thread keeps `prefetch` batches ready, and `PipelineIterator` advances the
+position only when it hands a batch to the caller.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Awaitable, Iterator, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from resumax.errors import ConfigError, StageError, StateMismatchError
+from resumax.batching import Chunk, Piece, combine, stack_if_uniform
+from resumax.device import check_sharding, put_batch
+from resumax.errors import ConfigError, DataSourceError, StageError, StateMismatchError
+from resumax.iterator import ActiveIterator, Delivery, PipelineIterator
+from resumax.prefetch import Prefetcher
 from resumax.sources.base import DataPosition, RecordSource
-from resumax.stages import BatchMap, Filter, Map, RandomMap, RecordRng, as_stage
+from resumax.stages import BatchMap, Filter, Map, RandomMap, RecordRng, Stage, as_stage
+from resumax.workers import WorkerPool, require_picklable
 
 PIPELINE_STATE_VERSION = 1
-
-
-@dataclasses.dataclass
-class _Chunk:
-    """Processed records of one contiguous span of an epoch: kept examples and their positions."""
-
-    epoch: int
-    examples: list[Any]
-    positions: list[int]
+DEFAULT_PREFETCH = 2
 
 
 def seed_from_rngs(rngs: nnx.Rngs | int | None) -> int:
@@ -49,15 +51,110 @@ def seed_from_rngs(rngs: nnx.Rngs | int | None) -> int:
     raise ConfigError(f"rngs must be an nnx.Rngs, an int or None, got {rngs!r}")
 
 
-def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    first = examples[0]
-    try:
-        return {key: np.stack([example[key] for example in examples]) for key in first}
-    except (KeyError, ValueError, TypeError) as error:
-        raise StageError(
-            f"cannot batch examples: fields or shapes differ between records ({error!r}); "
-            f"the first record has fields {sorted(first)}"
-        ) from error
+# 1. Spans of positions ----------------------------------------------------------------------
+
+
+def spans(start: int, span_size: int, end: int | None) -> Iterator[tuple[int, int]]:
+    """Consecutive [start, stop) spans of global positions up to `end` (None: forever).
+
+    A global position is epoch * records_per_epoch + index, so a span may cross epochs.
+    """
+    while end is None or start < end:
+        stop = start + span_size if end is None else min(start + span_size, end)
+        yield start, stop
+        start = stop
+
+
+# 2. Records of a span: read, decode, per-record stages, stack -------------------------------
+
+
+class RecordPath:
+    """Reads, decodes, transforms and stacks the records of a span of positions.
+
+    It runs in this process, or in each worker rebuilt by `open_record_path` over the worker's
+    own copy of the source. RandomMap draws depend only on (seed, stage, epoch, record index),
+    so every process computes the same chunk for a span.
+    """
+
+    def __init__(self, source: RecordSource, record_stages: Sequence[Stage], rng_seed: int):
+        self.source = source
+        self.record_stages = list(record_stages)
+        self._rngs = {
+            position: RecordRng(rng_seed, position)
+            for position, stage in enumerate(self.record_stages)
+            if isinstance(stage, RandomMap)
+        }
+
+    def __call__(self, span: tuple[int, int]) -> Chunk:
+        records_per_epoch = self.source.records_per_epoch
+        examples: list[Any] = []
+        positions = []
+        for epoch, start, stop in self._epoch_segments(*span):
+            record_indices = self.source.record_indices(epoch, start, stop)
+            records = self.source.read_records(record_indices)
+            kept, kept_indices = self._apply_record_stages(epoch, start, record_indices, records)
+            examples.extend(kept)
+            positions.append(kept_indices + epoch * records_per_epoch)
+        positions = positions[0] if len(positions) == 1 else np.concatenate(positions)
+        return Chunk(stack_if_uniform(examples), positions)
+
+    def _epoch_segments(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(epoch, first index, stop index) of the parts of [start, stop) in each epoch."""
+        records_per_epoch = self.source.records_per_epoch
+        while start < stop:
+            epoch, index = divmod(start, records_per_epoch)
+            count = min(stop - start, records_per_epoch - index)
+            yield epoch, index, index + count
+            start += count
+
+    def _apply_record_stages(
+        self, epoch: int, start: int, record_indices: np.ndarray, examples: list[Any]
+    ) -> tuple[list[Any], np.ndarray]:
+        """The examples every stage kept, transformed, and their indices in the epoch."""
+        positions = np.arange(start, start + len(examples))
+        for stage_position, stage in enumerate(self.record_stages):
+            done = 0
+            try:
+                if isinstance(stage, Map):
+                    fn = stage.fn
+                    for done, example in enumerate(examples):
+                        examples[done] = fn(example)
+                elif isinstance(stage, RandomMap):
+                    fn, rng = stage.fn, self._rngs[stage_position]
+                    for done, record_id in enumerate(record_indices.tolist()):
+                        examples[done] = fn(examples[done], rng.for_record(epoch, record_id))
+                elif isinstance(stage, Filter):
+                    keep = np.zeros(len(examples), dtype=bool)
+                    for done, example in enumerate(examples):
+                        keep[done] = bool(stage.predicate(example))
+                    examples = [e for e, k in zip(examples, keep.tolist(), strict=True) if k]
+                    positions, record_indices = positions[keep], record_indices[keep]
+            except Exception as error:
+                raise StageError(
+                    f"stage {stage_position} ({stage.name}) failed on record "
+                    f"{record_indices[done]} (epoch {epoch}, position {positions[done]}): "
+                    f"{error!r}"
+                ) from error
+        return examples, positions
+
+
+def open_record_path(
+    open_source: Callable[[], RecordSource],
+    record_stages: Sequence[Stage],
+    rng_seed: int,
+    records_per_epoch: int,
+) -> RecordPath:
+    """A worker's RecordPath over its own copy of the source (file readers cannot be pickled)."""
+    source = open_source()
+    if source.records_per_epoch != records_per_epoch:
+        raise DataSourceError(
+            f"a worker process found {source.records_per_epoch} records per epoch where the "
+            f"pipeline's source has {records_per_epoch}; did the data files change?"
+        )
+    return RecordPath(source, record_stages, rng_seed)
+
+
+# 3. The pipeline: batches, devices, prefetch, hand-over ------------------------------------
 
 
 # Not a JAX pytree: Orbax v1 rebuilds the pytrees it loads into, so it would restore a copy
@@ -72,9 +169,16 @@ class Pipeline(nnx.Module, pytree=False):
       batch_size: records per batch (> 0).
       rngs: seeds `RandomMap` generators (with epoch and record index); an `nnx.Rngs` or an int.
       drop_remainder: in finite mode, drop the last batch if it is partial.
+      num_workers: worker processes that read, decode and run the per-record stages (0: this
+        process does). Their stage functions and the source's decode must be picklable (defined
+        at module level), and a script that iterates needs an `if __name__ == "__main__":` guard.
+      prefetch: batches a background thread keeps ready ahead of the caller (0: none).
+      sharding: a `jax.sharding.Sharding`; batches then arrive as `jax.Array`s placed with it
+        (each process passes its own rows). None keeps numpy arrays.
 
-    Iterating continues from the current position; the state always describes the batches the
-    caller has received.
+    Batches are identical for any num_workers and prefetch, and after a resume. Iterating
+    continues from the current position; the state always describes the batches the caller has
+    received, never those computed ahead. A new iterator ends the previous one.
     """
 
     def __init__(
@@ -84,11 +188,18 @@ class Pipeline(nnx.Module, pytree=False):
         batch_size: int = 32,
         rngs: nnx.Rngs | int | None = None,
         drop_remainder: bool = False,
+        *,
+        num_workers: int = 0,
+        prefetch: int = DEFAULT_PREFETCH,
+        sharding: jax.sharding.Sharding | None = None,
     ):
         if not isinstance(source, RecordSource):
             raise ConfigError(f"source must be a resumax source, got {type(source).__name__}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ConfigError(f"batch_size must be a positive int, got batch_size={batch_size!r}")
+        for name, value in (("num_workers", num_workers), ("prefetch", prefetch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an int >= 0, got {name}={value!r}")
         stages = [as_stage(stage, position) for position, stage in enumerate(stages)]
         first_batch_stage = next(
             (i for i, stage in enumerate(stages) if isinstance(stage, BatchMap)), len(stages)
@@ -103,99 +214,86 @@ class Pipeline(nnx.Module, pytree=False):
         self.batch_size = batch_size
         self.drop_remainder = bool(drop_remainder)
         self.rng_seed = seed_from_rngs(rngs)
+        self.num_workers = num_workers
+        self.prefetch = prefetch
+        self.sharding = check_sharding(sharding)
         self.batches_emitted = DataPosition(0)
-        self._record_stages = stages[:first_batch_stage]
+        self._record_path = RecordPath(source, stages[:first_batch_stage], self.rng_seed)
         self._batch_stages = stages[first_batch_stage:]
-        self._rngs = {
-            position: RecordRng(self.rng_seed, position)
-            for position, stage in enumerate(self._record_stages)
-            if isinstance(stage, RandomMap)
-        }
+        self._worker_recipe = self._make_worker_recipe() if num_workers else None
+        self._active = ActiveIterator()
 
-    # Reading and per-record stages ----------------------------------------------------------
+    def _make_worker_recipe(self) -> Callable[[], RecordPath]:
+        """What each worker runs once: open the source again and build its RecordPath.
 
-    def _chunks(self, epoch: int, index: int) -> Iterator[_Chunk]:
-        """Processed chunks from (epoch, index) on; a chunk never crosses an epoch boundary."""
-        source = self.source
-        while not source.finished(epoch):
-            stop = min(index + self.batch_size, source.records_per_epoch)
-            record_indices = source.record_indices(epoch, index, stop)
-            examples = source.read_records(record_indices)
-            yield self._apply_record_stages(epoch, index, record_indices, examples)
-            index = stop
-            if index == source.records_per_epoch:
-                epoch, index = epoch + 1, 0
+        Checked here, so that a stage that cannot reach a worker fails at construction.
+        """
+        record_stages = self._record_path.record_stages
+        for position, stage in enumerate(record_stages):
+            require_picklable(stage, f"stage {position} ({stage.name})")
+        reopen = self.source.reopener()
+        require_picklable(reopen, f"the source ({reopen!r})")
+        return functools.partial(
+            open_record_path, reopen, record_stages, self.rng_seed, self.source.records_per_epoch
+        )
 
-    def _apply_record_stages(
-        self, epoch: int, start: int, record_indices: np.ndarray, examples: list[Any]
-    ) -> _Chunk:
-        positions = list(range(start, start + len(examples)))
-        record_ids = record_indices.tolist()
-        for stage_position, stage in enumerate(self._record_stages):
-            done = 0
-            try:
-                if isinstance(stage, Map):
-                    fn = stage.fn
-                    for done, example in enumerate(examples):
-                        examples[done] = fn(example)
-                elif isinstance(stage, RandomMap):
-                    fn, rng = stage.fn, self._rngs[stage_position]
-                    for done, (example, record_id) in enumerate(
-                        zip(examples, record_ids, strict=True)
-                    ):
-                        examples[done] = fn(example, rng.for_record(epoch, record_id))
-                elif isinstance(stage, Filter):
-                    keep = []
-                    for example in examples:
-                        keep.append(bool(stage.predicate(example)))
-                        done += 1
-                    examples = [e for e, k in zip(examples, keep, strict=True) if k]
-                    positions = [p for p, k in zip(positions, keep, strict=True) if k]
-                    record_ids = [r for r, k in zip(record_ids, keep, strict=True) if k]
-            except Exception as error:
-                raise StageError(
-                    f"stage {stage_position} ({stage.name}) failed on record {record_ids[done]} "
-                    f"(epoch {epoch}, position {positions[done]}): {error!r}"
-                ) from error
-        return _Chunk(epoch, examples, positions)
+    def __iter__(self) -> PipelineIterator:
+        """Batches from the current position: spans -> chunks -> batches -> prefetch -> caller."""
+        self._active.close()
+        records_per_epoch = self.source.records_per_epoch
+        epoch, index = self.source.position
+        num_epochs = self.source.config.num_epochs
+        end = None if num_epochs == -1 else num_epochs * records_per_epoch
+        span_stream = spans(epoch * records_per_epoch + index, self.batch_size, end)
+        pool = None
+        if self._worker_recipe is not None:
+            pool = WorkerPool(self._worker_recipe, self.num_workers)
+            chunks = pool.map(span_stream)
+        else:
+            chunks = map(self._record_path, span_stream)
+        deliveries = self._deliveries(chunks, end)
+        prefetcher = Prefetcher(deliveries, self.prefetch) if self.prefetch else None
+        iterator = PipelineIterator(self, prefetcher or deliveries, pool, prefetcher)
+        self._active.set(iterator)
+        return iterator
 
-    # Batching ---------------------------------------------------------------------------------
+    def _deliveries(self, chunks: Iterator[Chunk], end: int | None) -> Iterator[Delivery]:
+        """Cuts the kept records into batches, each with the position after its last record.
 
-    def _finish_batch(self, examples: list[Any]) -> dict[str, Any]:
-        batch = _stack(examples)
+        A finite run ends with its last partial batch (unless drop_remainder) and then a
+        Delivery(None) that moves the position to the end.
+        """
+        pieces: list[Piece] = []
+        pending = 0
+        for chunk in chunks:
+            taken = 0
+            while taken < len(chunk):
+                take = min(self.batch_size - pending, len(chunk) - taken)
+                pieces.append((chunk, taken, taken + take))
+                pending, taken = pending + take, taken + take
+                if pending == self.batch_size:
+                    after = int(chunk.positions[taken - 1]) + 1
+                    yield self._delivery(self._finish_batch(pieces), after)
+                    pieces, pending = [], 0
+        if end is not None:
+            last = self._finish_batch(pieces) if pieces and not self.drop_remainder else None
+            yield self._delivery(last, end)
+
+    def _finish_batch(self, pieces: list[Piece]) -> Any:
+        """Combines the pieces, runs the batch stages and places the batch on devices."""
+        batch = combine(pieces)
         for stage in self._batch_stages:
             try:
                 batch = stage.fn(batch)
             except Exception as error:
                 raise StageError(f"batch stage ({stage.name}) failed: {error!r}") from error
+        if self.sharding is not None:
+            batch = put_batch(batch, self.sharding)
         return batch
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Yields batches from the current position, advancing the state as each is delivered."""
-        source = self.source
-        pending: list[Any] = []
-        for chunk in self._chunks(*source.position):
-            taken = 0
-            while taken < len(chunk.examples):
-                need = self.batch_size - len(pending)
-                pending.extend(chunk.examples[taken : taken + need])
-                taken = min(taken + need, len(chunk.examples))
-                if len(pending) == self.batch_size:
-                    batch = self._finish_batch(pending)
-                    pending = []
-                    self._advance(chunk.epoch, chunk.positions[taken - 1] + 1)
-                    yield batch
-        last_epoch = max(source.config.num_epochs, 0)
-        if pending and not self.drop_remainder:
-            batch = self._finish_batch(pending)
-            self._advance(last_epoch, 0)
-            yield batch
-        elif source.position != (last_epoch, 0):
-            source.seek(last_epoch, 0)
-
-    def _advance(self, epoch: int, index: int) -> None:
-        self.source.seek(epoch, index)
-        self.batches_emitted.set_value(self.batches_emitted.get_value() + 1)
+    def _delivery(self, batch: Any, position: int) -> Delivery:
+        epoch, index = divmod(position, self.source.records_per_epoch)
+        return Delivery(batch, epoch, index)
 
     # State ------------------------------------------------------------------------------------
 

@@ -1,0 +1,105 @@
+"""`PipelineIterator`: hands batches to the caller and advances the pipeline's position as it does.
+
+It owns the worker processes and the prefetch thread of one iteration and stops them, in an
+order that leaves neither waiting, when closed, exhausted, failed, garbage collected or at exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from resumax.prefetch import Prefetcher
+from resumax.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from resumax.pipeline import Pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """A finished batch (None: a finite run ended) and the position right after it."""
+
+    batch: Any
+    epoch: int
+    index: int
+
+
+class PipelineIterator:
+    """Hands a pipeline's batches to the caller, advancing its position as each is received.
+
+    Owns the worker processes and the prefetch thread, if any. `close()` stops them; so do the
+    end of the data, an error, garbage collection and interpreter exit.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        deliveries: Iterator[Delivery],
+        pool: WorkerPool | None,
+        prefetcher: Prefetcher | None,
+    ):
+        self._pipeline = pipeline
+        self._deliveries = deliveries
+        self._closed = False
+        self.worker_pids: tuple[int, ...] = pool.worker_pids if pool is not None else ()
+        self._release = weakref.finalize(self, _release, pool, prefetcher)
+
+    def __iter__(self) -> PipelineIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        try:
+            delivery = next(self._deliveries)
+        except BaseException:
+            self.close()
+            raise
+        pipeline = self._pipeline
+        pipeline.source.seek(delivery.epoch, delivery.index)
+        if delivery.batch is None:
+            self.close()
+            raise StopIteration
+        pipeline.batches_emitted.set_value(pipeline.batches_emitted.get_value() + 1)
+        return delivery.batch
+
+    def close(self) -> None:
+        """Stops the workers and the prefetch thread; batches computed ahead are dropped."""
+        self._closed = True
+        self._release()
+
+    def __enter__(self) -> PipelineIterator:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _release(pool: WorkerPool | None, prefetcher: Prefetcher | None) -> None:
+    """Stops the prefetch thread and the workers in an order that leaves neither waiting."""
+    if prefetcher is not None:
+        prefetcher.stop(timeout=1.0)
+    if pool is not None:
+        pool.stop_workers()
+    if prefetcher is not None:
+        prefetcher.join()
+    if pool is not None:
+        pool.close()
+
+
+class ActiveIterator:
+    """A weak reference to a pipeline's live iterator, kept off the module's nnx state."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref[PipelineIterator] | None = None
+
+    def set(self, iterator: PipelineIterator) -> None:
+        self._ref = weakref.ref(iterator)
+
+    def close(self) -> None:
+        iterator = self._ref() if self._ref is not None else None
+        if iterator is not None:
+            iterator.close()

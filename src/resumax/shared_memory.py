@@ -1,0 +1,108 @@
+"""Results from worker processes: pickled with their arrays out of band, the array bytes copied
+through reusable POSIX shared memory slots (/dev/shm) instead of the pipe.
+
+A worker owns `slots` segments and writes its k-th result to slot k mod slots. The parent copies a
+result out as soon as it receives it and never has more than `slots` tasks of one worker in
+flight, so a slot is never overwritten before it is read. A segment's name exists only until the
+parent has mapped it; `sweep` removes the names a crash leaves behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import mmap
+import os
+import pickle
+from typing import Any
+
+SHM_DIR = "/dev/shm"
+# Results whose arrays hold fewer bytes go through the pipe: a slot costs a few syscalls to set up.
+INLINE_LIMIT = 64 * 1024
+_ALIGNMENT = 64
+# Slot sizes are rounded up to this, so results of varying size (after a Filter) rarely regrow one.
+_SLOT_GRANULE = 1 << 20
+
+
+def sweep(prefix: str) -> None:
+    """Removes the shared memory segments whose names start with `prefix`."""
+    for path in glob.glob(os.path.join(SHM_DIR, f"{glob.escape(prefix)}*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _round_up(size: int, granule: int) -> int:
+    return -(-size // granule) * granule
+
+
+class SlotWriter:
+    """A worker's side: turns results into small messages, the array bytes written to a slot."""
+
+    def __init__(self, prefix: str, slots: int):
+        self._prefix = prefix
+        self._segments: list[mmap.mmap | None] = [None] * slots
+        self._created = 0
+
+    def pack(self, result: Any, slot: int) -> tuple:
+        """A message carrying `result`; its arrays go to shared memory slot `slot` if large."""
+        buffers: list[pickle.PickleBuffer] = []
+        header = pickle.dumps(result, protocol=5, buffer_callback=buffers.append)
+        raws = [buffer.raw() for buffer in buffers]
+        spans, size = [], 0
+        for raw in raws:
+            spans.append((size, raw.nbytes))
+            size += _round_up(raw.nbytes, _ALIGNMENT)
+        if size >= INLINE_LIMIT and os.path.isdir(SHM_DIR):
+            try:
+                new_path = self._reserve(slot, size)
+            except OSError:  # /dev/shm is full: this result goes through the pipe
+                pass
+            else:
+                segment = self._segments[slot]
+                for (offset, length), raw in zip(spans, raws, strict=True):
+                    segment[offset : offset + length] = raw
+                return ("segment", header, slot, new_path, len(segment), spans)
+        return ("inline", header, [bytes(raw) for raw in raws])
+
+    def _reserve(self, slot: int, size: int) -> str | None:
+        """Makes slot `slot` hold `size` bytes; returns the path of a new segment, or None."""
+        segment = self._segments[slot]
+        if segment is not None and len(segment) >= size:
+            return None
+        path = f"{SHM_DIR}/{self._prefix}-{self._created}"
+        self._created += 1
+        capacity = _round_up(size, _SLOT_GRANULE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # Reserves the pages now: a full tmpfs fails here with ENOSPC, not with SIGBUS later.
+            os.posix_fallocate(fd, 0, capacity)
+            self._segments[slot] = mmap.mmap(fd, capacity)
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return path
+
+
+class SlotReader:
+    """The parent's side for one worker: maps its slots and copies each result out of them."""
+
+    def __init__(self, slots: int):
+        self._segments: list[mmap.mmap | None] = [None] * slots
+
+    def unpack(self, message: tuple) -> Any:
+        """The result a `SlotWriter.pack` message carries, in memory of this process."""
+        if message[0] == "inline":
+            _, header, raws = message
+            return pickle.loads(header, buffers=raws)
+        _, header, slot, new_path, capacity, spans = message
+        if new_path is not None:
+            fd = os.open(new_path, os.O_RDWR)
+            try:
+                self._segments[slot] = mmap.mmap(fd, capacity)
+            finally:
+                os.close(fd)
+            os.unlink(new_path)  # both sides have it mapped; the name is no longer needed
+        view = memoryview(self._segments[slot])
+        return pickle.loads(header, buffers=[bytearray(view[o : o + n]) for o, n in spans])
