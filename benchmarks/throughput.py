@@ -1,0 +1,262 @@
+"""Read throughput of resumax against the raw ArrayRecord rate and Grain, and the worker speed-up.
+
+Run `make bench` or `.venv/bin/python benchmarks/throughput.py [--repeats 3]`. The first run writes
+200,000 records (32x32x3 uint8 image + int64 label) to benchmarks/.cache/, once as one file and
+once as 1,000 shards. Every contender is measured once per round, rounds are repeated, and the
+median of each is reported, so that load from other processes hits all contenders alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from array_record.python import array_record_module
+
+import resumax
+from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Pipeline, RandomMap
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+NUM_RECORDS = 200_000
+NUM_SHARDS = 1_000
+BATCH_SIZE = 256
+SEED = 42
+IMAGE_SHAPE = (32, 32, 3)
+# Per-channel mean and std of the augmentation's normalisation (CIFAR-10 values).
+MEAN = np.array([0.491, 0.482, 0.447], dtype=np.float32)
+STD = np.array([0.247, 0.243, 0.262], dtype=np.float32)
+
+# A contender: (first batch number, number of batches) -> seconds for those batches, with the
+# iterator built and its first batch taken before the clock starts.
+Contender = Callable[[int, int], float]
+# Peak resident memory of each worker process seen, read before it exits.
+WORKER_PEAK_RSS_KIB: dict[int, int] = {}
+
+
+# Data -----------------------------------------------------------------------------------------
+
+
+def ensure_data() -> tuple[str, str]:
+    """(single file path, shard glob), written once; a `done` marker means complete."""
+    single = CACHE / "images.array_record"
+    shard_prefix = CACHE / "shards" / "images"
+    marker = CACHE / f"done-{NUM_RECORDS}-{NUM_SHARDS}"
+    if not marker.exists():
+        print(f"writing {NUM_RECORDS:,} records to {CACHE} (once) ...", flush=True)
+        rng = np.random.default_rng(0)
+        encoded = [
+            resumax.encode(
+                {
+                    "image": rng.integers(0, 256, IMAGE_SHAPE, dtype=np.uint8),
+                    "label": np.int64(index % 10),
+                }
+            )
+            for index in range(NUM_RECORDS)
+        ]
+        resumax.write_array_record(single, encoded)
+        resumax.write_shards(shard_prefix, encoded, NUM_SHARDS)
+        marker.touch()
+    return str(single), f"{shard_prefix}-*-of-{NUM_SHARDS:05d}.array_record"
+
+
+def shuffled_order(first_batch: int, num_batches: int) -> list[list[int]]:
+    """The record indices of resumax's epoch-0 order, batch by batch (computed untimed)."""
+    positions = np.arange(first_batch * BATCH_SIZE, (first_batch + num_batches) * BATCH_SIZE)
+    indices = resumax.order.record_indices(
+        positions, num_records=NUM_RECORDS, seed=SEED, epoch=0, shuffle=True
+    )
+    return [batch.tolist() for batch in np.split(indices, num_batches)]
+
+
+def stack(examples: list[dict]) -> dict[str, np.ndarray]:
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+# Contenders -----------------------------------------------------------------------------------
+
+
+def raw_loop(path: str, per_record: bool) -> Contender:
+    """(a) A hand-written loop: ArrayRecordReader reads + resumax.records.decode + np.stack."""
+    decode = resumax.records.decode
+
+    def run(first_batch: int, num_batches: int) -> float:
+        reader = array_record_module.ArrayRecordReader(
+            path, "readahead_buffer_size:0,max_parallelism:0"
+        )
+        batches = shuffled_order(first_batch, num_batches + 1)
+        stack([decode(data) for data in reader.read(batches[0])])
+        start = time.perf_counter()
+        for indices in batches[1:]:
+            if per_record:
+                raw = [reader.read(index, index + 1)[0] for index in indices]
+            else:
+                raw = reader.read(indices)
+            stack([decode(data) for data in raw])
+        elapsed = time.perf_counter() - start
+        reader.close()
+        return elapsed
+
+    return run
+
+
+def grain_seconds(path: str, first_batch: int, num_batches: int) -> float:
+    """(b) Grain: MapDataset.source(ArrayRecordDataSource).shuffle(seed).map(decode).batch."""
+    import grain
+
+    source = grain.sources.ArrayRecordDataSource([path])
+    dataset = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=SEED)
+        .map(resumax.records.decode)
+        .batch(BATCH_SIZE)
+    )
+    iterator = iter(dataset[first_batch:])
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(iterator)
+    return time.perf_counter() - start
+
+
+def grain_map_dataset(path: str) -> Contender:
+    """(b) in a fresh process: Grain's 16 read threads and 500-batch buffer keep running after
+    the measurement and would slow whatever is measured next."""
+
+    def run(first_batch: int, num_batches: int) -> float:
+        command = [sys.executable, __file__, "--grain", path, str(first_batch), str(num_batches)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return float(output.split()[-1])
+
+    return run
+
+
+def resumax_pipeline(paths: str, stages: tuple = (), **options: int) -> Contender:
+    """(c) resumax: Pipeline(source with shuffle_files=True, batch_size=256, **options)."""
+
+    def run(first_batch: int, num_batches: int) -> float:
+        config = ArrayRecordSourceConfig(seed=SEED, shuffle_files=True)
+        source = ArrayRecordSourceModule(config, paths)
+        source.seek(0, first_batch * BATCH_SIZE)
+        pipeline = Pipeline(source, stages, batch_size=BATCH_SIZE, rngs=0, **options)
+        with iter(pipeline) as batches:
+            next(batches)
+            start = time.perf_counter()
+            for _ in range(num_batches):
+                next(batches)
+            elapsed = time.perf_counter() - start
+            for pid in batches.worker_pids:
+                WORKER_PEAK_RSS_KIB[pid] = peak_rss_kib(pid)
+        source.close()
+        return elapsed
+
+    return run
+
+
+def augment(example: dict, rng: np.random.Generator) -> dict:
+    """CPU-heavy per-record work: reflect-pad random crop, random flip, normalise to float32."""
+    padded = np.pad(example["image"], ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    top, left = rng.integers(0, 9, size=2)
+    image = padded[top : top + IMAGE_SHAPE[0], left : left + IMAGE_SHAPE[1]]
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    image = (image.astype(np.float32) / 255.0 - MEAN) / STD
+    return {"image": image, "label": example["label"]}
+
+
+# Measurement ----------------------------------------------------------------------------------
+
+
+def measure(contenders: dict[str, tuple[Contender, int]], repeats: int) -> dict[str, float]:
+    """Median records/s of each contender; one round runs each once, at a new part of the order."""
+    seconds_per_record: dict[str, list[float]] = {name: [] for name in contenders}
+    first_batch = 0
+    for round_index in range(repeats):
+        print(f"  round {round_index + 1}/{repeats}:", end="", flush=True)
+        for name, (contender, num_batches) in contenders.items():
+            seconds = contender(first_batch, num_batches) / (num_batches * BATCH_SIZE)
+            seconds_per_record[name].append(seconds)
+            print(f" {1 / seconds:,.0f}", end="", flush=True)
+        print(flush=True)
+        # Each round reads another part of epoch 0 (the order is only defined within an epoch).
+        span = max(batches for _, batches in contenders.values()) + 1
+        first_batch = (first_batch + span) % (NUM_RECORDS // BATCH_SIZE - span)
+    return {name: 1.0 / statistics.median(values) for name, values in seconds_per_record.items()}
+
+
+def peak_rss_kib(pid: int) -> int:
+    """Peak resident memory (VmHWM) of a live process, in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1])
+
+
+def report(rates: dict[str, float], names: list[str]) -> None:
+    for name in names:
+        print(f"  {name:<58} {rates[name]:>10,.0f} records/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (median; >= 3)")
+    parser.add_argument("--batches", type=int, default=200, help="timed batches per resumax run")
+    parser.add_argument(
+        "--grain", nargs=3, metavar=("PATH", "FIRST", "COUNT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.grain:
+        path, first_batch, num_batches = args.grain
+        print(grain_seconds(path, int(first_batch), int(num_batches)))
+        return
+    single, shards = ensure_data()
+    many = args.batches
+    few = max(4, many // 10)  # Grain is ~30x slower: fewer batches keep a round short
+
+    print(f"\nRead + decode + batch of {BATCH_SIZE}, shuffled, {NUM_RECORDS:,} records, 2 cores")
+    read_contenders = {
+        "(a1) raw: reader.read(list of 256) + decode + stack": (raw_loop(single, False), many),
+        "(a2) raw: 256 x reader.read(i, i + 1) + decode + stack": (raw_loop(single, True), many),
+        "(b) Grain MapDataset ... .batch(256)": (grain_map_dataset(single), few),
+        "(c) resumax Pipeline(batch_size=256)": (resumax_pipeline(single), many),
+        "(c) resumax, prefetch=0": (resumax_pipeline(single, prefetch=0), many),
+        "(c) resumax, num_workers=2": (resumax_pipeline(single, num_workers=2), many),
+        f"(d) resumax over {NUM_SHARDS:,} shards": (resumax_pipeline(shards), many),
+    }
+    rates = measure(read_contenders, args.repeats)
+    report(rates, list(read_contenders))
+    upper = max(rates[name] for name in rates if name.startswith("(a"))
+    ours = rates["(c) resumax Pipeline(batch_size=256)"]
+    grain_rate = rates["(b) Grain MapDataset ... .batch(256)"]
+    sharded = rates[f"(d) resumax over {NUM_SHARDS:,} shards"]
+    print(f"  (c)/(a) = {ours / upper:.2f}   (target >= 0.85)")
+    print(f"  (c)/(b) = {ours / grain_rate:.1f}   (target >= 10)")
+    print(f"  {NUM_SHARDS:,} shards / single file = {sharded / ours:.2f}   (target >= 0.7)")
+
+    print("\nRandomMap(random crop + flip + normalise to float32) per record, batch of 256")
+    transform_contenders = {
+        f"resumax, num_workers={workers}": (
+            resumax_pipeline(single, (RandomMap(augment),), num_workers=workers),
+            max(10, many // 3),
+        )
+        for workers in (0, 2)
+    }
+    transform_rates = measure(transform_contenders, args.repeats)
+    report(transform_rates, list(transform_contenders))
+    speedup = transform_rates["resumax, num_workers=2"] / transform_rates["resumax, num_workers=0"]
+    print(f"  2 workers / 0 workers = {speedup:.2f}   (target >= 1.6 on 2 cores)")
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker = max(WORKER_PEAK_RSS_KIB.values(), default=0) / 1024
+    print(f"\npeak RSS: this process {own:,.0f} MiB, largest worker {worker:,.0f} MiB")
+    print(f"(cores: {os.cpu_count()}, load average now: {os.getloadavg()[0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
