@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from resumax.checkpoint import CheckpointRestore, CheckpointSave
@@ -174,8 +175,16 @@ class _Run:
             print(f"prepared the digits data set in {data.dir}", flush=True)
         source = build_source(data, data.train_paths)
         image_shape = source[0]["image"].shape
+        # Training batches arrive as jax.Arrays split over all devices along the batch axis.
+        data_parallel = NamedSharding(
+            Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data")
+        )
         self.pipeline = Pipeline(
-            source=source, stages=[features], batch_size=data.batch_size, rngs=data.seed
+            source=source,
+            stages=[features],
+            batch_size=data.batch_size,
+            rngs=data.seed,
+            sharding=data_parallel,
         )
         self.eval_pipeline = Pipeline(
             source=build_source(data, data.test_paths, evaluation=True),
