@@ -7,6 +7,7 @@ computed on demand for a block of positions. Nothing of size O(num_records) is e
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -91,3 +92,37 @@ def record_indices(
     if not shuffle:
         return positions
     return permute(positions, num_records, epoch_seed(seed, epoch))
+
+
+def process_spans(
+    start: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    end: int | None,
+    *,
+    aligned: bool,
+) -> Iterator[tuple[int, int]]:
+    """This process's [first, stop) spans of global positions, one per global batch.
+
+    Global batch w covers `batch_size * process_count` consecutive positions from its window
+    start; process p reads the p-th `batch_size` of them. Windows begin at `start`, or, when
+    `aligned`, at multiples of the global batch size (then `start` may lie inside this process's
+    slice, where a Filter pipeline stopped). Only whole windows are read before `end`, so every
+    process gets the same number of spans.
+    """
+    global_batch = batch_size * process_count
+    window = start - start % global_batch if aligned else start
+    first = max(start, window + process_index * batch_size)
+    if first >= window + (process_index + 1) * batch_size:
+        window += global_batch
+        first = window + process_index * batch_size
+    while end is None or window + global_batch <= end:
+        yield first, window + (process_index + 1) * batch_size
+        window += global_batch
+        first = window + process_index * batch_size
+
+
+def window_end(position: int, origin: int, global_batch: int) -> int:
+    """The end of the global batch window (counted from `origin`) that holds `position`."""
+    return origin + ((position - origin) // global_batch + 1) * global_batch

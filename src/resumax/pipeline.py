@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from resumax import order
 from resumax.batching import Chunk, Piece, combine, stack_if_uniform
 from resumax.device import check_sharding, put_batch
 from resumax.errors import ConfigError, DataSourceError, StageError, StateMismatchError
@@ -49,6 +50,25 @@ def seed_from_rngs(rngs: nnx.Rngs | int | None) -> int:
         words = np.asarray(jax.random.key_data(stream.key.get_value())).astype(np.uint64)
         return int(words[0]) << 32 | int(words[1])
     raise ConfigError(f"rngs must be an nnx.Rngs, an int or None, got {rngs!r}")
+
+
+def _process_shard(
+    shard_by_process: bool, process_index: int | None, process_count: int | None
+) -> tuple[int, int]:
+    """(this process's index, number of processes) the global batches are split over."""
+    if not shard_by_process:
+        return 0, 1
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    for name, value in (("process_index", index), ("process_count", count)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be an int, got {name}={value!r}")
+    if not 0 <= index < count:
+        raise ConfigError(
+            f"process_index must be in [0, process_count), got process_index={index}, "
+            f"process_count={count}"
+        )
+    return index, count
 
 
 # 1. Spans of positions ----------------------------------------------------------------------
@@ -175,6 +195,11 @@ class Pipeline(nnx.Module, pytree=False):
       prefetch: batches a background thread keeps ready ahead of the caller (0: none).
       sharding: a `jax.sharding.Sharding`; batches then arrive as `jax.Array`s placed with it
         (each process passes its own rows). None keeps numpy arrays.
+      shard_by_process: with several JAX processes, each reads a disjoint, contiguous slice of
+        every global batch (`batch_size * process_count` records in the global order); False
+        gives every process the whole stream.
+      process_index, process_count: override `jax.process_index()` / `jax.process_count()`
+        (for launchers that split data differently, and for tests).
 
     Batches are identical for any num_workers and prefetch, and after a resume. Iterating
     continues from the current position; the state always describes the batches the caller has
@@ -192,6 +217,9 @@ class Pipeline(nnx.Module, pytree=False):
         num_workers: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
         sharding: jax.sharding.Sharding | None = None,
+        shard_by_process: bool = True,
+        process_index: int | None = None,
+        process_count: int | None = None,
     ):
         if not isinstance(source, RecordSource):
             raise ConfigError(f"source must be a resumax source, got {type(source).__name__}")
@@ -217,6 +245,10 @@ class Pipeline(nnx.Module, pytree=False):
         self.num_workers = num_workers
         self.prefetch = prefetch
         self.sharding = check_sharding(sharding)
+        self.process_index, self.process_count = _process_shard(
+            shard_by_process, process_index, process_count
+        )
+        self._has_filter = any(isinstance(stage, Filter) for stage in stages)
         self.batches_emitted = DataPosition(0)
         self._record_path = RecordPath(source, stages[:first_batch_stage], self.rng_seed)
         self._batch_stages = stages[first_batch_stage:]
@@ -244,25 +276,42 @@ class Pipeline(nnx.Module, pytree=False):
         epoch, index = self.source.position
         num_epochs = self.source.config.num_epochs
         end = None if num_epochs == -1 else num_epochs * records_per_epoch
-        span_stream = spans(epoch * records_per_epoch + index, self.batch_size, end)
+        start = epoch * records_per_epoch + index
+        if self.process_count == 1:
+            span_stream = spans(start, self.batch_size, end)
+        else:
+            span_stream = order.process_spans(
+                start,
+                self.batch_size,
+                self.process_index,
+                self.process_count,
+                end,
+                aligned=self._has_filter,
+            )
         pool = None
         if self._worker_recipe is not None:
             pool = WorkerPool(self._worker_recipe, self.num_workers)
             chunks = pool.map(span_stream)
         else:
             chunks = map(self._record_path, span_stream)
-        deliveries = self._deliveries(chunks, end)
+        deliveries = self._deliveries(chunks, start, end)
         prefetcher = Prefetcher(deliveries, self.prefetch) if self.prefetch else None
         iterator = PipelineIterator(self, prefetcher or deliveries, pool, prefetcher)
         self._active.set(iterator)
         return iterator
 
-    def _deliveries(self, chunks: Iterator[Chunk], end: int | None) -> Iterator[Delivery]:
+    def _deliveries(
+        self, chunks: Iterator[Chunk], start: int, end: int | None
+    ) -> Iterator[Delivery]:
         """Cuts the kept records into batches, each with the position after its last record.
 
         A finite run ends with its last partial batch (unless drop_remainder) and then a
-        Delivery(None) that moves the position to the end.
+        Delivery(None) that moves the position to the end. Across processes without a Filter,
+        the position after a batch is the end of its global batch, the same on every process;
+        a last partial global batch is dropped, so that every process gets as many batches.
         """
+        global_batch = self.batch_size * self.process_count
+        to_window_end = self.process_count > 1 and not self._has_filter
         pieces: list[Piece] = []
         pending = 0
         for chunk in chunks:
@@ -273,10 +322,13 @@ class Pipeline(nnx.Module, pytree=False):
                 pending, taken = pending + take, taken + take
                 if pending == self.batch_size:
                     after = int(chunk.positions[taken - 1]) + 1
+                    if to_window_end:
+                        after = order.window_end(after - 1, start, global_batch)
                     yield self._delivery(self._finish_batch(pieces), after)
                     pieces, pending = [], 0
         if end is not None:
-            last = self._finish_batch(pieces) if pieces and not self.drop_remainder else None
+            keep_last = pieces and not self.drop_remainder and self.process_count == 1
+            last = self._finish_batch(pieces) if keep_last else None
             yield self._delivery(last, end)
 
     def _finish_batch(self, pieces: list[Piece]) -> Any:
@@ -308,6 +360,7 @@ class Pipeline(nnx.Module, pytree=False):
             "batches_emitted": self.batches_emitted.get_value(),
             "batch_size": self.batch_size,
             "rng_seed": self.rng_seed,
+            "process_count": self.process_count,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -330,8 +383,30 @@ class Pipeline(nnx.Module, pytree=False):
         batches = state["batches_emitted"]
         if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
             raise StateMismatchError(f"pipeline state field 'batches_emitted' is {batches!r}")
+        self._check_filter_shard(state)
         self.source.set_state(state["source"])
         self.batches_emitted.set_value(batches)
+
+    def _check_filter_shard(self, state: dict[str, Any]) -> None:
+        """A Filter pipeline resumes only on the process layout it was saved with.
+
+        Without a Filter the saved position is global and any process count can continue from
+        it. With one, each process stops at its own position inside its slice of a global batch,
+        and those positions do not carry over to another split of the batch.
+        """
+        if not self._has_filter:
+            return
+        saved = (state.get("process_count", 1), state.get("batch_size", self.batch_size))
+        if saved == (self.process_count, self.batch_size) or saved[0] == self.process_count == 1:
+            return
+        field = "process_count" if saved[0] != self.process_count else "batch_size"
+        raise StateMismatchError(
+            f"pipeline state field {field!r} is {state.get(field)!r} but this pipeline has "
+            f"{getattr(self, field)!r}: a pipeline with a Filter stage keeps one position per "
+            "process inside its slice of a global batch, so it resumes only with the process "
+            "count and batch size it was saved with. Resume with those, or remove the Filter "
+            "(filter the data offline) for elastic resume"
+        )
 
     # Orbax v1 `StatefulCheckpointable` ------------------------------------------------------
 
