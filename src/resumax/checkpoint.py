@@ -102,6 +102,30 @@ def restore_into(item: Stateful, directory: epath.Path) -> Stateful:
     return item
 
 
+_SHARED_FIELDS = ("fingerprint", "num_records", "seed", "shuffle")
+
+
+def check_process_states(directory: epath.Path, process_count: int) -> None:
+    """Raises CheckpointError unless all `process_count` state files exist and agree on the data.
+
+    Their positions may differ only for Filter pipelines, which refuse a restore with another
+    process count themselves (see `Pipeline.set_state`).
+    """
+    states = [
+        read_state(directory / state_file_name(i, process_count)) for i in range(process_count)
+    ]
+    first = states[0].get("source", states[0])
+    for index, state in enumerate(states[1:], start=1):
+        source_state = state.get("source", state)
+        for field in _SHARED_FIELDS:
+            if source_state.get(field) != first.get(field):
+                raise CheckpointError(
+                    f"{directory}: process {index} saved {field}={source_state.get(field)!r} but "
+                    f"process 0 saved {first.get(field)!r}; every process must feed the same "
+                    "dataset with the same seed"
+                )
+
+
 @dataclasses.dataclass(frozen=True)
 class DataStateMetadata:
     """A saved data position as `CheckpointManager.item_metadata(step)` shows it.
@@ -163,6 +187,15 @@ class DataStateHandler(ocp.AsyncCheckpointHandler):
 
     def metadata(self, directory: epath.Path) -> DataStateMetadata:
         return read_metadata(directory)
+
+    def finalize(self, directory: epath.Path) -> None:
+        """Checks, once all processes have written, that the step can restore elsewhere.
+
+        A restore with another process count reads process 0's file alone, so every process
+        must have written its file, for the same dataset and seeds. Raising here keeps the step
+        from being committed.
+        """
+        check_process_states(epath.Path(directory), jax.process_count())
 
     @classmethod
     def typestr(cls) -> str:
