@@ -1,10 +1,11 @@
 """The subprocess side of tests/test_workers.py: a pipeline with worker processes, then SIGTERM.
 
-python tests/pipeline_workers_script.py DATA_GLOB (default|handler)
+python tests/pipeline_workers_script.py DATA_GLOB (default|handler|exit)
 
 Prints the worker pids on one line once the first batch arrived, then iterates until stopped.
 "default" leaves SIGTERM's default action (the process dies at once); "handler" installs one
-that exits through SystemExit, as a training loop's preemption handler would.
+that exits through SystemExit, as a training loop's preemption handler would; "exit" takes a
+few more batches and returns with the iterator still open (a normal interpreter exit).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import sys
 import numpy as np
 
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Pipeline, RandomMap
+
+# Keeps an iterator alive until the interpreter exits.
+OPEN_ITERATORS = []
 
 
 def enlarge(example: dict, rng: np.random.Generator) -> dict:
@@ -35,8 +39,10 @@ def main(data_glob: str, mode: str) -> None:
     batches = iter(pipeline)
     next(batches)
     print(" ".join(str(pid) for pid in batches.worker_pids), flush=True)
-    for _ in batches:
-        pass
+    for count, _ in enumerate(batches):
+        if mode == "exit" and count == 20:
+            OPEN_ITERATORS.append(batches)
+            return
 
 
 if __name__ == "__main__":

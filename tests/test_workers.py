@@ -239,16 +239,17 @@ def test_a_killed_worker_surfaces_as_an_error_not_a_hang(shards):
     assert shared_memory_of(os.getpid()) == []
 
 
-@pytest.mark.parametrize("mode", ["default", "handler"])
-def test_sigterm_leaves_no_worker_process_or_shared_memory(shards, mode):
+@pytest.mark.parametrize("mode", ["default", "handler", "exit"])
+def test_sigterm_or_exit_leaves_no_worker_process_or_shared_memory(shards, mode):
     process = subprocess.Popen(
         [sys.executable, SCRIPT, shards, mode], stdout=subprocess.PIPE, text=True
     )
     try:
         workers = [int(pid) for pid in process.stdout.readline().split()]
         assert len(workers) == 2
-        assert all(running(pid) for pid in workers)
-        process.send_signal(signal.SIGTERM)
+        if mode != "exit":
+            assert all(running(pid) for pid in workers)
+            process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=60)
     finally:
         process.kill()
