@@ -84,12 +84,20 @@ def test_out_of_range_message_names_key_bound_and_value():
         ("train.max_to_keep=0", "train.max_to_keep"),
         ("train.seed=-5", "train.seed"),
         ("train.run_dir=", "train.run_dir"),
+        ("train.num_processes=0", "train.num_processes"),
+        ("train.process_id=-1", "train.process_id"),
+        ("train.process_id=abc", "train.process_id"),
     ],
 )
 def test_bad_override_raises_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError) as raised:
         load_config(CONFIGS / "digits.yaml", [override])
     assert str(raised.value).startswith(key), str(raised.value)
+
+
+def test_process_id_must_be_below_the_process_count():
+    with pytest.raises(ConfigError, match=r"^train\.process_id must be in \[0, "):
+        load_config(CONFIGS / "digits.yaml", ["train.num_processes=2", "train.process_id=2"])
 
 
 def test_override_without_equals_sign_is_rejected():

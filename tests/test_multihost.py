@@ -10,9 +10,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,67 @@ def test_one_process_saves_and_two_processes_resume(reference_and_data):
         2, data_glob, RESUMED_STEPS, directory / "pair", "--restore", str(checkpoints)
     )
     assert union_per_step(two) == reference[SAVED_STEPS:]
+
+
+def test_sigterm_to_one_training_process_makes_both_save_the_same_step_and_exit_0(tmp_path):
+    from resumax.datasets import prepare_digits
+
+    prepare_digits(tmp_path / "digits")
+    run_dir = tmp_path / "run"
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    processes = []
+    for index in range(2):
+        log = open(tmp_path / f"process-{index}.txt", "w")  # noqa: SIM115 (closed below)
+        command = [
+            sys.executable,
+            "-m",
+            "resumax",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "digits.yaml"),
+            "train.num_steps=100000",
+            "train.log_every=1",
+            "train.checkpoint_every=25",
+            "train.eval_every=1000",
+            "model.hidden_sizes=[32]",
+            "data.batch_size=8",
+            f"data.dir={tmp_path / 'digits'}",
+            f"train.run_dir={run_dir}",
+            "train.distributed=true",
+            f"train.coordinator_address=127.0.0.1:{port}",
+            "train.num_processes=2",
+            f"train.process_id={index}",
+        ]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        processes.append((process, log))
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 40):
+            assert all(p.poll() is None for p, _ in processes), "a process exited early"
+            assert time.monotonic() < deadline, "training did not reach step 40"
+            time.sleep(0.05)
+        os.kill(processes[1][0].pid, signal.SIGTERM)
+        codes = [process.wait(timeout=120) for process, _ in processes]
+    finally:
+        for process, log in processes:
+            process.kill()
+            log.close()
+    outputs = [(tmp_path / f"process-{i}.txt").read_text() for i in range(2)]
+    assert codes == [0, 0], outputs
+    saved = [re.search(r"preempted \(SIGTERM\): saved step (\d+)", out) for out in outputs]
+    assert all(saved), outputs
+    step = int(saved[0][1])
+    assert int(saved[1][1]) == step
+    assert step >= 40
+    step_dir = run_dir / "checkpoints" / str(step)
+    assert sorted(p.name for p in (step_dir / "data").glob("*.json")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    states = [
+        json.loads((step_dir / "data" / f"process_{i}-of-2.json").read_text()) for i in (0, 1)
+    ]
+    assert states[0] == states[1]
+    assert states[0]["batches_emitted"] == step

@@ -76,6 +76,11 @@ class TrainConfig:
     max_to_keep: int = 3
     seed: int = 0
     distributed: bool = False
+    # With distributed: where process 0 listens (host:port), how many processes, which one this
+    # is; unset values come from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclasses.dataclass
@@ -218,6 +223,16 @@ def _validate_train(train: TrainConfig) -> None:
     _require(0 <= train.seed <= _MAX_SEED, "train.seed", "between 0 and 2**32-1", train.seed)
     for key in ("run_dir", "checkpoint_dir"):
         _require(bool(getattr(train, key)), f"train.{key}", "a non-empty path", getattr(train, key))
+    if train.num_processes is not None:
+        _require(train.num_processes > 0, "train.num_processes", "> 0", train.num_processes)
+    if train.process_id is not None:
+        limit = train.num_processes if train.num_processes is not None else float("inf")
+        _require(
+            0 <= train.process_id < limit,
+            "train.process_id",
+            f"in [0, train.num_processes={train.num_processes})",
+            train.process_id,
+        )
 
 
 def validate(config: Config) -> None:

@@ -5,6 +5,7 @@ params, optimizer state and data position saved together in one Orbax step and r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import os
@@ -17,9 +18,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from resumax import distributed
 from resumax.checkpoint import CheckpointRestore, CheckpointSave
 from resumax.config import Config, DataConfig, OptimizerConfig
 from resumax.datasets import prepare_digits
@@ -128,12 +129,17 @@ def make_steps(graphdef: nnx.GraphDef, seed: int, dropout: bool) -> tuple[Callab
 
 
 def evaluate(
-    eval_step: Callable, state: Any, pipeline: Pipeline, start: dict, batch_size: int
+    eval_step: Callable,
+    state: Any,
+    pipeline: Pipeline,
+    start: dict,
+    batch_size: int,
+    place: Callable[[Any], Any],
 ) -> dict[str, float]:
     """Mean loss and accuracy over one pass of `pipeline`, rewound to its `start` state first.
 
     A short last batch is zero-padded to `batch_size` and masked, so one compiled eval_step
-    serves every batch.
+    serves every batch. `place` puts the (images, labels, mask) of a batch where the state is.
     """
     pipeline.set_state(start)
     loss_sum, correct, count = 0.0, 0.0, 0
@@ -144,9 +150,9 @@ def evaluate(
             for v in (batch["image"], batch["label"])
         )
         mask = (np.arange(batch_size) < rows).astype(np.float32)
-        batch_loss, batch_correct = eval_step(state, images, labels, mask)
-        loss_sum += float(batch_loss)
-        correct += float(batch_correct)
+        batch_loss, batch_correct = eval_step(state, *place((images, labels, mask)))
+        loss_sum += float(distributed.host_array(batch_loss))
+        correct += float(distributed.host_array(batch_correct))
         count += rows
     return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
 
@@ -161,7 +167,7 @@ def params_sha256(tree: dict[str, Any]) -> str:
     """A digest of the model's parameter bytes, to compare runs at a glance."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(tree["model"]):
-        digest.update(np.asarray(leaf).tobytes())
+        digest.update(distributed.host_array(leaf).tobytes())
     return digest.hexdigest()
 
 
@@ -171,26 +177,29 @@ class _Run:
     def __init__(self, config: Config):
         self.config = config
         data, train = config.data, config.train
-        if data.prepare == "digits" and prepare_digits(data.dir):
+        # One process prepares the data; the others wait for the atomic rename.
+        if jax.process_index() == 0 and data.prepare == "digits" and prepare_digits(data.dir):
             print(f"prepared the digits data set in {data.dir}", flush=True)
+        distributed.barrier("resumax: data prepared")
         source = build_source(data, data.train_paths)
         image_shape = source[0]["image"].shape
-        # Training batches arrive as jax.Arrays split over all devices along the batch axis.
-        data_parallel = NamedSharding(
-            Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data")
-        )
+        # Data parallel over every device of every process: each process reads its slice of the
+        # global batch, which arrives as one jax.Array split along the batch axis.
+        mesh = distributed.data_parallel_mesh()
         self.pipeline = Pipeline(
             source=source,
             stages=[features],
             batch_size=data.batch_size,
             rngs=data.seed,
-            sharding=data_parallel,
+            sharding=distributed.batch_sharding(mesh),
         )
+        # Every process evaluates the whole test split, so eval batches are replicated.
         self.eval_pipeline = Pipeline(
             source=build_source(data, data.test_paths, evaluation=True),
             stages=[features],
             batch_size=data.batch_size,
             rngs=data.seed,
+            shard_by_process=False,
         )
         self.eval_start = self.eval_pipeline.get_state()
         model = build_model(config.model, image_shape, train.seed)
@@ -198,6 +207,10 @@ class _Run:
             model, build_optimizer(config.optimizer, train.num_steps), wrt=nnx.Param
         )
         self.graphdef, self.state = nnx.split((model, optimizer))
+        self.place: Callable[[Any], Any] = lambda tree: tree
+        if jax.process_count() > 1:
+            self.place = functools.partial(distributed.replicate, mesh=mesh)
+            self.state = self.place(self.state)
         self.train_step, self.eval_step = make_steps(
             self.graphdef, train.seed, dropout=config.model.dropout > 0
         )
@@ -260,7 +273,11 @@ class _Run:
         train = self.config.train
         if step % train.log_every and step % train.eval_every and step != train.num_steps:
             return None
-        line = {"step": step, "loss": float(loss), "accuracy": float(accuracy)}
+        line = {
+            "step": step,
+            "loss": float(distributed.host_array(loss)),
+            "accuracy": float(distributed.host_array(accuracy)),
+        }
         if step % train.eval_every == 0:
             line.update(
                 evaluate(
@@ -269,6 +286,7 @@ class _Run:
                     self.eval_pipeline,
                     self.eval_start,
                     self.config.data.batch_size,
+                    self.place,
                 )
             )
         return line
@@ -320,8 +338,10 @@ def train(config: Config) -> TrainResult:
     (it installs the SIGTERM handler).
     """
     train_config = config.train
-    if train_config.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if train_config.distributed:
+        distributed.initialize(
+            train_config.coordinator_address, train_config.num_processes, train_config.process_id
+        )
     watch = PreemptionWatch()
     run = None
     metrics = None
