@@ -37,6 +37,12 @@ def test_shuffled_order_looks_random():
     assert 0.25 < np.abs(np.diff(indices)).mean() / n < 0.42
 
 
+@pytest.mark.parametrize("bad_position", [-1, 100, 150])
+def test_positions_outside_the_record_range_are_refused(bad_position):
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        order.permute(np.array([0, bad_position]), 100, 1)
+
+
 def test_identity_without_shuffle():
     positions = np.arange(10, 20)
     got = order.record_indices(positions, num_records=100, seed=1, epoch=3, shuffle=False)

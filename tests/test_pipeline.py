@@ -94,6 +94,16 @@ def test_resume_with_a_filter_stage_is_exact(shards):
     assert all(b["coin"].tolist() == [1] * BATCH for b in reference)
 
 
+def test_set_state_ends_a_live_iterator(shards):
+    pipeline = build(shards)
+    batches = iter(pipeline)
+    start = pipeline.get_state()
+    take(batches, 3)
+    pipeline.set_state(start)
+    assert list(itertools.islice(batches, 1)) == []
+    assert_batches_equal(take(pipeline, 2), take(build(shards), 2))
+
+
 def test_iterating_again_continues_where_the_last_loop_stopped(shards):
     reference = take(build(shards), 10)
     pipeline = build(shards)

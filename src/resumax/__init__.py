@@ -10,6 +10,7 @@ from resumax.errors import (
     ResumaxError,
     StageError,
     StateMismatchError,
+    WorkerError,
 )
 from resumax.pipeline import Pipeline
 from resumax.records import decode, encode, write_array_record, write_shards
@@ -41,6 +42,7 @@ __all__ = [
     "ResumaxError",
     "StageError",
     "StateMismatchError",
+    "WorkerError",
     "decode",
     "encode",
     "errors",

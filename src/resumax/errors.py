@@ -31,6 +31,10 @@ class StageError(ResumaxError):
     """A pipeline stage raised while processing a record; names the stage and the record."""
 
 
+class WorkerError(ResumaxError):
+    """A pipeline worker process died or could not send its result."""
+
+
 class StateMismatchError(ResumaxError):
     """A saved state belongs to another dataset, seed, shuffle setting or state version."""
 

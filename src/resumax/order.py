@@ -73,6 +73,12 @@ def permute(positions: np.ndarray, num_records: int, shuffle_seed: int) -> np.nd
     The Feistel domain is at most 4x num_records; cycle walking re-applies the network to values
     that land outside [0, num_records) until they fall inside, which keeps it a bijection.
     """
+    positions = np.asarray(positions)
+    if positions.size and (positions.min() < 0 or positions.max() >= num_records):
+        raise ValueError(
+            f"positions must lie in [0, {num_records}), got values from {positions.min()} to "
+            f"{positions.max()}; cycle walking would never end outside the record range"
+        )
     keys = round_keys(shuffle_seed)
     half_bits = _half_bits(num_records)
     limit = np.uint64(num_records)
@@ -92,6 +98,17 @@ def record_indices(
     if not shuffle:
         return positions
     return permute(positions, num_records, epoch_seed(seed, epoch))
+
+
+def spans(start: int, span_size: int, end: int | None) -> Iterator[tuple[int, int]]:
+    """Consecutive [start, stop) spans of global positions up to `end` (None: forever).
+
+    A global position is epoch * records_per_epoch + index, so a span may cross epochs.
+    """
+    while end is None or start < end:
+        stop = start + span_size if end is None else min(start + span_size, end)
+        yield start, stop
+        start = stop
 
 
 def process_spans(

@@ -20,13 +20,14 @@ import numpy as np
 from flax import nnx
 
 from resumax import order
-from resumax.batching import Chunk, Piece, combine, stack_if_uniform
+from resumax.batching import Chunk, Piece, combine
 from resumax.device import check_sharding, put_batch
-from resumax.errors import ConfigError, DataSourceError, StageError, StateMismatchError
+from resumax.errors import ConfigError, StageError, StateMismatchError
 from resumax.iterator import ActiveIterator, Delivery, PipelineIterator
 from resumax.prefetch import Prefetcher
+from resumax.record_path import RecordPath, open_record_path
 from resumax.sources.base import DataPosition, RecordSource
-from resumax.stages import BatchMap, Filter, Map, RandomMap, RecordRng, Stage, as_stage
+from resumax.stages import BatchMap, Filter, as_stage
 from resumax.workers import WorkerPool, require_picklable
 
 PIPELINE_STATE_VERSION = 1
@@ -71,110 +72,7 @@ def _process_shard(
     return index, count
 
 
-# 1. Spans of positions ----------------------------------------------------------------------
-
-
-def spans(start: int, span_size: int, end: int | None) -> Iterator[tuple[int, int]]:
-    """Consecutive [start, stop) spans of global positions up to `end` (None: forever).
-
-    A global position is epoch * records_per_epoch + index, so a span may cross epochs.
-    """
-    while end is None or start < end:
-        stop = start + span_size if end is None else min(start + span_size, end)
-        yield start, stop
-        start = stop
-
-
-# 2. Records of a span: read, decode, per-record stages, stack -------------------------------
-
-
-class RecordPath:
-    """Reads, decodes, transforms and stacks the records of a span of positions.
-
-    It runs in this process, or in each worker rebuilt by `open_record_path` over the worker's
-    own copy of the source. RandomMap draws depend only on (seed, stage, epoch, record index),
-    so every process computes the same chunk for a span.
-    """
-
-    def __init__(self, source: RecordSource, record_stages: Sequence[Stage], rng_seed: int):
-        self.source = source
-        self.record_stages = list(record_stages)
-        self._rngs = {
-            position: RecordRng(rng_seed, position)
-            for position, stage in enumerate(self.record_stages)
-            if isinstance(stage, RandomMap)
-        }
-
-    def __call__(self, span: tuple[int, int]) -> Chunk:
-        records_per_epoch = self.source.records_per_epoch
-        examples: list[Any] = []
-        positions = []
-        for epoch, start, stop in self._epoch_segments(*span):
-            record_indices = self.source.record_indices(epoch, start, stop)
-            records = self.source.read_records(record_indices)
-            kept, kept_indices = self._apply_record_stages(epoch, start, record_indices, records)
-            examples.extend(kept)
-            positions.append(kept_indices + epoch * records_per_epoch)
-        positions = positions[0] if len(positions) == 1 else np.concatenate(positions)
-        return Chunk(stack_if_uniform(examples), positions)
-
-    def _epoch_segments(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-        """(epoch, first index, stop index) of the parts of [start, stop) in each epoch."""
-        records_per_epoch = self.source.records_per_epoch
-        while start < stop:
-            epoch, index = divmod(start, records_per_epoch)
-            count = min(stop - start, records_per_epoch - index)
-            yield epoch, index, index + count
-            start += count
-
-    def _apply_record_stages(
-        self, epoch: int, start: int, record_indices: np.ndarray, examples: list[Any]
-    ) -> tuple[list[Any], np.ndarray]:
-        """The examples every stage kept, transformed, and their indices in the epoch."""
-        positions = np.arange(start, start + len(examples))
-        for stage_position, stage in enumerate(self.record_stages):
-            done = 0
-            try:
-                if isinstance(stage, Map):
-                    fn = stage.fn
-                    for done, example in enumerate(examples):
-                        examples[done] = fn(example)
-                elif isinstance(stage, RandomMap):
-                    fn, rng = stage.fn, self._rngs[stage_position]
-                    for done, record_id in enumerate(record_indices.tolist()):
-                        examples[done] = fn(examples[done], rng.for_record(epoch, record_id))
-                elif isinstance(stage, Filter):
-                    keep = np.zeros(len(examples), dtype=bool)
-                    for done, example in enumerate(examples):
-                        keep[done] = bool(stage.predicate(example))
-                    examples = [e for e, k in zip(examples, keep.tolist(), strict=True) if k]
-                    positions, record_indices = positions[keep], record_indices[keep]
-            except Exception as error:
-                raise StageError(
-                    f"stage {stage_position} ({stage.name}) failed on record "
-                    f"{record_indices[done]} (epoch {epoch}, position {positions[done]}): "
-                    f"{error!r}"
-                ) from error
-        return examples, positions
-
-
-def open_record_path(
-    open_source: Callable[[], RecordSource],
-    record_stages: Sequence[Stage],
-    rng_seed: int,
-    records_per_epoch: int,
-) -> RecordPath:
-    """A worker's RecordPath over its own copy of the source (file readers cannot be pickled)."""
-    source = open_source()
-    if source.records_per_epoch != records_per_epoch:
-        raise DataSourceError(
-            f"a worker process found {source.records_per_epoch} records per epoch where the "
-            f"pipeline's source has {records_per_epoch}; did the data files change?"
-        )
-    return RecordPath(source, record_stages, rng_seed)
-
-
-# 3. The pipeline: batches, devices, prefetch, hand-over ------------------------------------
+# The pipeline: spans -> RecordPath chunks -> batches -> devices -> prefetch -> caller ----
 
 
 # Not a JAX pytree: Orbax v1 rebuilds the pytrees it loads into, so it would restore a copy
@@ -278,7 +176,7 @@ class Pipeline(nnx.Module, pytree=False):
         end = None if num_epochs == -1 else num_epochs * records_per_epoch
         start = epoch * records_per_epoch + index
         if self.process_count == 1:
-            span_stream = spans(start, self.batch_size, end)
+            span_stream = order.spans(start, self.batch_size, end)
         else:
             span_stream = order.process_spans(
                 start,
@@ -364,7 +262,11 @@ class Pipeline(nnx.Module, pytree=False):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restores `get_state()` output; raises StateMismatchError naming any differing field."""
+        """Restores `get_state()` output; raises StateMismatchError naming any differing field.
+
+        A live iterator of this pipeline is ended first: it would go on from the old position.
+        """
+        self._active.close()
         if not isinstance(state, dict):
             raise StateMismatchError(f"a pipeline state must be a dict, got {type(state).__name__}")
         for field in ("version", "source", "batches_emitted", "rng_seed"):

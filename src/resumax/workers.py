@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
-from resumax.errors import ConfigError, ResumaxError
+from resumax.errors import ConfigError, ResumaxError, WorkerError
 from resumax.shared_memory import SlotReader, SlotWriter, sweep
 
 # "forkserver": workers are forked from a small server process started fresh (not from this
@@ -32,10 +32,6 @@ SEGMENT_PREFIX = "resumax"
 # SIGTERM, before it is killed.
 _STOP_GRACE, _TERMINATE_GRACE = 1.0, 5.0
 _NO_TASK = object()
-
-
-class WorkerError(ResumaxError):
-    """A worker process died or could not send its result."""
 
 
 def require_picklable(value: Any, description: str) -> None:

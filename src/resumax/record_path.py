@@ -1,0 +1,102 @@
+"""`RecordPath`: the records of a span of positions, read, decoded, transformed and stacked.
+
+One `RecordPath` runs in the pipeline's process, or one per worker process over its own source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from resumax.batching import Chunk, stack_if_uniform
+from resumax.errors import DataSourceError, StageError
+from resumax.sources.base import RecordSource
+from resumax.stages import Filter, Map, RandomMap, RecordRng, Stage
+
+
+class RecordPath:
+    """Reads, decodes, transforms and stacks the records of a span of positions.
+
+    It runs in this process, or in each worker rebuilt by `open_record_path` over the worker's
+    own copy of the source. RandomMap draws depend only on (seed, stage, epoch, record index),
+    so every process computes the same chunk for a span.
+    """
+
+    def __init__(self, source: RecordSource, record_stages: Sequence[Stage], rng_seed: int):
+        self.source = source
+        self.record_stages = list(record_stages)
+        self._rngs = {
+            position: RecordRng(rng_seed, position)
+            for position, stage in enumerate(self.record_stages)
+            if isinstance(stage, RandomMap)
+        }
+
+    def __call__(self, span: tuple[int, int]) -> Chunk:
+        records_per_epoch = self.source.records_per_epoch
+        examples: list[Any] = []
+        positions = []
+        for epoch, start, stop in self._epoch_segments(*span):
+            record_indices = self.source.record_indices(epoch, start, stop)
+            records = self.source.read_records(record_indices)
+            kept, kept_indices = self._apply_record_stages(epoch, start, record_indices, records)
+            examples.extend(kept)
+            positions.append(kept_indices + epoch * records_per_epoch)
+        positions = positions[0] if len(positions) == 1 else np.concatenate(positions)
+        return Chunk(stack_if_uniform(examples), positions)
+
+    def _epoch_segments(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(epoch, first index, stop index) of the parts of [start, stop) in each epoch."""
+        records_per_epoch = self.source.records_per_epoch
+        while start < stop:
+            epoch, index = divmod(start, records_per_epoch)
+            count = min(stop - start, records_per_epoch - index)
+            yield epoch, index, index + count
+            start += count
+
+    def _apply_record_stages(
+        self, epoch: int, start: int, record_indices: np.ndarray, examples: list[Any]
+    ) -> tuple[list[Any], np.ndarray]:
+        """The examples every stage kept, transformed, and their indices in the epoch."""
+        positions = np.arange(start, start + len(examples))
+        for stage_position, stage in enumerate(self.record_stages):
+            done = 0
+            try:
+                if isinstance(stage, Map):
+                    fn = stage.fn
+                    for done, example in enumerate(examples):
+                        examples[done] = fn(example)
+                elif isinstance(stage, RandomMap):
+                    fn, rng = stage.fn, self._rngs[stage_position]
+                    for done, record_id in enumerate(record_indices.tolist()):
+                        examples[done] = fn(examples[done], rng.for_record(epoch, record_id))
+                elif isinstance(stage, Filter):
+                    keep = np.zeros(len(examples), dtype=bool)
+                    for done, example in enumerate(examples):
+                        keep[done] = bool(stage.predicate(example))
+                    examples = [e for e, k in zip(examples, keep.tolist(), strict=True) if k]
+                    positions, record_indices = positions[keep], record_indices[keep]
+            except Exception as error:
+                raise StageError(
+                    f"stage {stage_position} ({stage.name}) failed on record "
+                    f"{record_indices[done]} (epoch {epoch}, position {positions[done]}): "
+                    f"{error!r}"
+                ) from error
+        return examples, positions
+
+
+def open_record_path(
+    open_source: Callable[[], RecordSource],
+    record_stages: Sequence[Stage],
+    rng_seed: int,
+    records_per_epoch: int,
+) -> RecordPath:
+    """A worker's RecordPath over its own copy of the source (file readers cannot be pickled)."""
+    source = open_source()
+    if source.records_per_epoch != records_per_epoch:
+        raise DataSourceError(
+            f"a worker process found {source.records_per_epoch} records per epoch where the "
+            f"pipeline's source has {records_per_epoch}; did the data files change?"
+        )
+    return RecordPath(source, record_stages, rng_seed)
