@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,21 @@ def make_examples(count: int) -> list[dict]:
         }
         for i in range(count)
     ]
+
+
+def take(iterator, count: int) -> list:
+    """The next `count` items of a pipeline or iterator."""
+    return list(itertools.islice(iterator, count))
+
+
+def assert_batches_equal(actual: list[dict], expected: list[dict]) -> None:
+    """Same number of batches, same fields, dtypes and values, bit for bit."""
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype
+            np.testing.assert_array_equal(got[key], want[key])
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from resumax import (
     RandomMap,
 )
 from resumax.errors import ConfigError, StageError, StateMismatchError
+from tests.conftest import assert_batches_equal, take
 
 BATCH = 8
 
@@ -33,19 +34,6 @@ def build(paths, *, shuffle=True, num_epochs=-1, stages=None, batch_size=BATCH, 
     source = ArrayRecordSourceModule(config, paths, rngs=nnx.Rngs(0))
     stages = [RandomMap(jitter)] if stages is None else stages
     return Pipeline(source, stages, batch_size=batch_size, rngs=nnx.Rngs(seed), **kwargs)
-
-
-def take(pipeline, count):
-    return list(itertools.islice(pipeline, count))
-
-
-def assert_batches_equal(actual, expected):
-    assert len(actual) == len(expected)
-    for got, want in zip(actual, expected, strict=True):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert got[key].dtype == want[key].dtype
-            np.testing.assert_array_equal(got[key], want[key])
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

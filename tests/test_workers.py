@@ -32,7 +32,7 @@ from resumax import (
 )
 from resumax.errors import ConfigError, ResumaxError, StageError
 from resumax.records import decode
-from tests.conftest import make_examples
+from tests.conftest import assert_batches_equal, make_examples, take
 
 BATCH = 8
 SCRIPT = os.path.join(os.path.dirname(__file__), "pipeline_workers_script.py")
@@ -61,19 +61,6 @@ def build(paths, *, stages=ENLARGE, shuffle=True, num_epochs=-1, **options):
     config = ArrayRecordSourceConfig(seed=42, num_epochs=num_epochs, shuffle_files=shuffle)
     source = ArrayRecordSourceModule(config, paths, rngs=nnx.Rngs(0))
     return Pipeline(source, stages, batch_size=BATCH, rngs=nnx.Rngs(3), **options)
-
-
-def take(iterator, count):
-    return list(itertools.islice(iterator, count))
-
-
-def assert_batches_equal(actual, expected):
-    assert len(actual) == len(expected)
-    for got, want in zip(actual, expected, strict=True):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert got[key].dtype == want[key].dtype
-            np.testing.assert_array_equal(got[key], want[key])
 
 
 def running(pid):
