@@ -1,5 +1,6 @@
-"""The `resumax` command: `inspect` prints what a set of ArrayRecord files holds; `train` runs the
-reference training loop from a YAML config with `key=value` overrides."""
+"""The `resumax` command: `inspect` prints what a set of ArrayRecord files holds, `convert` writes
+an .npz file's rows as ArrayRecord shards, and `train` runs the reference training loop from a
+YAML config with `key=value` overrides."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import argparse
 import json
 import sys
 
-from resumax.errors import ResumaxError
+import numpy as np
+
+from resumax import records
+from resumax.errors import DataSourceError, ResumaxError
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
 
@@ -31,6 +35,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        with np.load(args.npz, allow_pickle=False) as arrays:
+            columns = {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError) as error:
+        raise DataSourceError(f"cannot read {args.npz!r} as an .npz of arrays: {error}") from error
+    rows = records.ArrayRows(columns)
+    paths = records.write_shards(args.prefix, rows, args.shards)
+    print(f"wrote {len(rows)} records with fields {sorted(columns)} to {len(paths)} files:")
+    for path in paths:
+        print(f"  {path}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from resumax.config import load_config
     from resumax.train import train
@@ -39,12 +57,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resumax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="summarise ArrayRecord files (paths or globs)")
     inspect.add_argument("paths", nargs="+")
     inspect.set_defaults(run=_inspect)
+    convert = commands.add_parser(
+        "convert", help="write the rows of an .npz file's arrays as ArrayRecord shards"
+    )
+    convert.add_argument("npz", help="an .npz whose arrays all have one row per record")
+    convert.add_argument("prefix", help="output prefix: PREFIX-00000-of-0000N.array_record")
+    convert.add_argument("--shards", type=_positive_int, default=1, help="number of files")
+    convert.set_defaults(run=_convert)
     train = commands.add_parser(
         "train",
         help="train from a YAML config; resumes the latest checkpoint; SIGTERM saves and exits",

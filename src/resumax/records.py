@@ -117,6 +117,31 @@ def write_array_record(
     return count
 
 
+class ArrayRows(Sequence):
+    """Row i of every array as one example: a lazy sequence of dicts over equal-length arrays.
+
+    Lets `write_shards` convert column data (e.g. an .npz file) without building every dict.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        lengths = {name: len(array) for name, array in arrays.items() if np.ndim(array) > 0}
+        if not arrays or len(lengths) != len(arrays) or len(set(lengths.values())) != 1:
+            raise RecordEncodeError(
+                f"the arrays must all have the same, non-zero number of dimensions and rows; "
+                f"got rows {lengths or {name: 0 for name in arrays}}"
+            )
+        self._arrays = dict(arrays)
+        self._length = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -self._length <= index < self._length:
+            raise IndexError(f"row {index} out of range for {self._length} rows")
+        return {name: array[index] for name, array in self._arrays.items()}
+
+
 def shard_paths(prefix: str | os.PathLike, num_shards: int) -> list[str]:
     """The file names `write_shards` uses: `prefix-00000-of-0000N.array_record`."""
     prefix = os.fspath(prefix)
