@@ -12,7 +12,7 @@ position only when it hands a batch to the caller.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,7 +26,7 @@ from resumax.errors import ConfigError, StageError, StateMismatchError
 from resumax.iterator import ActiveIterator, Delivery, PipelineIterator
 from resumax.prefetch import Prefetcher
 from resumax.record_path import RecordPath, open_record_path
-from resumax.sources.base import DataPosition, RecordSource
+from resumax.sources.base import DataPosition, RecordSource, V1Checkpointable
 from resumax.stages import BatchMap, Filter, as_stage
 from resumax.workers import WorkerPool, require_picklable
 
@@ -77,7 +77,7 @@ def _process_shard(
 
 # Not a JAX pytree: Orbax v1 rebuilds the pytrees it loads into, so it would restore a copy
 # and leave this pipeline where it was.
-class Pipeline(nnx.Module, pytree=False):
+class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
     """Batches of a source's records after per-record and per-batch stages.
 
     Args:
@@ -309,17 +309,3 @@ class Pipeline(nnx.Module, pytree=False):
             "count and batch size it was saved with. Resume with those, or remove the Filter "
             "(filter the data offline) for elastic resume"
         )
-
-    # Orbax v1 `StatefulCheckpointable` ------------------------------------------------------
-
-    async def save(self, directory: Any) -> Awaitable[None]:
-        """Snapshots the state now; the returned awaitable writes it once `directory` exists."""
-        from resumax.checkpoint import save_v1
-
-        return await save_v1(self, directory)
-
-    async def load(self, directory: Any) -> Awaitable[None]:
-        """The returned awaitable reads this process's state file in `directory` and sets it."""
-        from resumax.checkpoint import load_v1
-
-        return await load_v1(self, directory)

@@ -64,6 +64,25 @@ def fingerprint(names_and_counts: Sequence[tuple[str, int]]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class V1Checkpointable:
+    """Orbax v1 `StatefulCheckpointable` for objects with `get_state` / `set_state`.
+
+    A thin layer over `resumax.checkpoint` (imported on use: it imports the pipeline).
+    """
+
+    async def save(self, directory: Any) -> Awaitable[None]:
+        """Snapshots the state now; the returned awaitable writes it once `directory` exists."""
+        from resumax.checkpoint import save_v1
+
+        return await save_v1(self, directory)
+
+    async def load(self, directory: Any) -> Awaitable[None]:
+        """The returned awaitable reads this process's state file in `directory` and sets it."""
+        from resumax.checkpoint import load_v1
+
+        return await load_v1(self, directory)
+
+
 class _OrderBlockCache:
     """The last computed block of an epoch's order; kept off the module's nnx state.
 
@@ -84,8 +103,12 @@ class _OrderBlockCache:
 
 # Not a JAX pytree, nor are its subclasses: Orbax v1 rebuilds the pytrees it loads into, so it
 # would restore a copy and leave this source where it was.
-class RecordSource(nnx.Module, pytree=False):
+class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
     """Base of resumax sources: order, position and state over `read_records` of a subclass."""
+
+    def __init_subclass__(cls, pytree: bool = False, **kwargs: Any) -> None:
+        # Subclasses stay non-pytrees too unless they say otherwise.
+        super().__init_subclass__(pytree=pytree, **kwargs)
 
     def __init__(
         self, config: ArrayRecordSourceConfig, *, records_per_epoch: int, fingerprint: str
@@ -226,20 +249,3 @@ class RecordSource(nnx.Module, pytree=False):
                 f"source state field 'current_epoch' is {epoch}, past num_epochs={last_epoch}"
             )
         self.seek(epoch, index)
-
-    # Orbax v1 `StatefulCheckpointable` ------------------------------------------------------
-
-    def __init_subclass__(cls, pytree: bool = False, **kwargs: Any) -> None:
-        super().__init_subclass__(pytree=pytree, **kwargs)
-
-    async def save(self, directory: Any) -> Awaitable[None]:
-        """Snapshots the state now; the returned awaitable writes it once `directory` exists."""
-        from resumax.checkpoint import save_v1
-
-        return await save_v1(self, directory)
-
-    async def load(self, directory: Any) -> Awaitable[None]:
-        """The returned awaitable reads this process's state file in `directory` and sets it."""
-        from resumax.checkpoint import load_v1
-
-        return await load_v1(self, directory)

@@ -36,6 +36,7 @@ class MemorySource(RecordSource):
         if len(examples) == 0:
             raise DataSourceError(f"MemorySource {name!r} got no examples")
         self._examples = _Examples(examples)
+        self._name = name
         super().__init__(
             config,
             records_per_epoch=len(examples),
@@ -44,7 +45,7 @@ class MemorySource(RecordSource):
 
     def reopener(self) -> Callable[[], MemorySource]:
         """A copy of this source over the same examples (pickled with it), e.g. for a worker."""
-        return functools.partial(MemorySource, self.config, self._examples.items)
+        return functools.partial(MemorySource, self.config, self._examples.items, name=self._name)
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """The examples at the given indices, in that order."""
