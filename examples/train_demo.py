@@ -20,8 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import resumax.checkpoint  # noqa: F401 (registers the data item's handler)
-from resumax.config import load_config
-from resumax.runlog import read_metrics
+from resumax.train.config import load_config
+from resumax.train.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "runs" / "demo"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from resumax import cli
-from resumax.config import Config, changed_keys, load_config, to_yaml
 from resumax.errors import ConfigError
+from resumax.train.config import Config, changed_keys, load_config, to_yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

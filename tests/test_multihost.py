@@ -118,7 +118,7 @@ def test_one_process_saves_and_two_processes_resume(reference_and_data):
 
 
 def test_sigterm_to_one_training_process_makes_both_save_the_same_step_and_exit_0(tmp_path):
-    from resumax.datasets import prepare_digits
+    from resumax.train.datasets import prepare_digits
 
     prepare_digits(tmp_path / "digits")
     run_dir = tmp_path / "run"

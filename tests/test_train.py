@@ -23,11 +23,11 @@ from array_record.python import array_record_data_source
 
 import resumax
 import resumax.checkpoint  # noqa: F401 (registers the data item's handler for restores)
-from resumax.config import load_config
-from resumax.datasets import prepare_digits
 from resumax.errors import DataSourceError
-from resumax.runlog import read_metrics
-from resumax.train import train
+from resumax.train.config import load_config
+from resumax.train.datasets import prepare_digits
+from resumax.train.loop import train
+from resumax.train.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "digits.yaml"

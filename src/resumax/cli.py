@@ -50,8 +50,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from resumax.config import load_config
-    from resumax.train import train
+    from resumax.train.config import load_config
+    from resumax.train.loop import train
 
     train(load_config(args.config, args.overrides))
     return 0

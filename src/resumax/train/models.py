@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resumax.config import ModelConfig
+from resumax.train.config import ModelConfig
 
 
 class MLP(nnx.Module):

@@ -20,16 +20,16 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from resumax import distributed
 from resumax.checkpoint import CheckpointRestore, CheckpointSave
-from resumax.config import Config, DataConfig, OptimizerConfig
-from resumax.datasets import prepare_digits
 from resumax.errors import CheckpointError, DataSourceError, ResumaxError
-from resumax.models import build_model, cross_entropy
 from resumax.pipeline import Pipeline
-from resumax.preemption import PreemptionWatch
-from resumax.runlog import METRICS_FILE, MetricsLog, plot_metrics, read_metrics, record_config
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
+from resumax.train import distributed
+from resumax.train.config import Config, DataConfig, OptimizerConfig
+from resumax.train.datasets import prepare_digits
+from resumax.train.models import build_model, cross_entropy
+from resumax.train.preemption import PreemptionWatch
+from resumax.train.runlog import METRICS_FILE, MetricsLog, plot_metrics, read_metrics, record_config
 
 # Folded into the train seed to derive dropout keys, so they never coincide with the init keys.
 _DROPOUT_STREAM = 0x64726F70

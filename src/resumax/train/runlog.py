@@ -10,8 +10,8 @@ import json
 import os
 from typing import Any
 
-from resumax.config import Config, changed_keys, load_config, to_yaml
 from resumax.errors import ResumaxError
+from resumax.train.config import Config, changed_keys, load_config, to_yaml
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
