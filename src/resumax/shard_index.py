@@ -1,0 +1,239 @@
+"""Shard sets and their index: `-NNNNN-of-MMMMM` completeness, per-file content hashes, and the
+small JSON index `write_shards` puts beside a set so that a source learns it without opening files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from resumax.errors import DataSourceError
+
+INDEX_SUFFIX = ".index.json"
+INDEX_FORMAT = "resumax-shard-index"
+INDEX_VERSION = 1
+TFDS_INFO = "dataset_info.json"
+
+logger = logging.getLogger("resumax")
+
+# `train-00001-of-00003.array_record` (write_shards) and `mnist-train.array_record-00001-of-00003`
+# (TFDS): a stem, the shard number, the shard count and an optional extension.
+_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)(?P<suffix>(\.\w+)*)")
+# Bytes of a file that `content_hash` reads: its head, its tail (the ArrayRecord footer, which
+# lists every chunk's offset, and the postscript) and evenly spaced samples in between.
+_HEAD, _TAIL, _SAMPLE, _SAMPLES = 64 * 1024, 128 * 1024, 4 * 1024, 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardName:
+    """A file name split as `<stem>-<index>-of-<total><suffix>`."""
+
+    stem: str
+    index: int
+    total: int
+    width: int
+    suffix: str
+
+    @classmethod
+    def parse(cls, name: str) -> ShardName | None:
+        match = _SHARD_NAME.fullmatch(name)
+        if match is None:
+            return None
+        return cls(
+            stem=match["stem"],
+            index=int(match["index"]),
+            total=int(match["total"]),
+            width=len(match["index"]),
+            suffix=match["suffix"],
+        )
+
+    def sibling(self, index: int) -> str:
+        """The name of shard `index` of the same set."""
+        return f"{self.stem}-{index:0{self.width}d}-of-{self.total:0{self.width}d}{self.suffix}"
+
+
+def is_index_file(path: str) -> bool:
+    """True for a shard index; globs over a data directory skip these."""
+    return path.endswith(INDEX_SUFFIX)
+
+
+def index_path(stem_path: str) -> str:
+    """Where the index of the shard set `<stem_path>-NNNNN-of-MMMMM...` lives."""
+    return f"{stem_path}{INDEX_SUFFIX}"
+
+
+def check_complete_sets(paths: Sequence[str], pattern: str) -> None:
+    """Raises DataSourceError when the files a glob `pattern` matched hold only part of a
+    `-NNNNN-of-MMMMM` shard set.
+
+    A set is the files of one directory with the same stem and extension; it must hold every
+    shard 0..M-1 of a single M, so that an interrupted write or a too narrow glob is never
+    read as if it were the whole dataset.
+    """
+    sets: dict[tuple[str, str, str], dict[int, set[int]]] = {}
+    examples: dict[tuple[str, str, str], ShardName] = {}
+    for path in paths:
+        shard = ShardName.parse(os.path.basename(path))
+        if shard is None:
+            continue
+        key = (os.path.dirname(path), shard.stem, shard.suffix)
+        sets.setdefault(key, {}).setdefault(shard.total, set()).add(shard.index)
+        examples.setdefault(key, shard)
+    for key, by_total in sets.items():
+        directory, stem, suffix = key
+        where = os.path.join(directory, f"{stem}-*-of-*{suffix}")
+        if len(by_total) > 1:
+            raise DataSourceError(
+                f"the glob {pattern!r} mixes shard sets {where!r} of {sorted(by_total)} shards; "
+                "remove the stale set or use a glob that matches one set"
+            )
+        (total, present), shard = next(iter(by_total.items())), examples[key]
+        missing = [index for index in range(total) if index not in present]
+        if missing:
+            names = [shard.sibling(index) for index in missing[:5]]
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DataSourceError(
+                f"the glob {pattern!r} matches an incomplete shard set: {len(present)} of "
+                f"{total} shards of {where!r}; missing {names}{more} in {directory or '.'!r}. "
+                "An interrupted write or a narrow glob leaves such a set: write the set again, "
+                "widen the glob, or list the files you mean one by one"
+            )
+
+
+def content_hash(path: str) -> str:
+    """A SHA-256 of a file's size, head, tail (ArrayRecord footer) and 16 samples in between.
+
+    Reads at most 256 KiB whatever the file size (files up to that size are hashed whole), so
+    it is cheap, yet a file re-encoded or regenerated with other records changes it: the footer
+    holds every record chunk's offset. A change confined to unsampled middle bytes that keeps
+    every record size is not seen.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        if size <= _HEAD + _TAIL + _SAMPLES * _SAMPLE:
+            digest.update(file.read())
+        else:
+            digest.update(file.read(_HEAD))
+            span = size - _HEAD - _TAIL - _SAMPLE
+            for sample in range(_SAMPLES):
+                file.seek(_HEAD + span * sample // (_SAMPLES - 1))
+                digest.update(file.read(_SAMPLE))
+            file.seek(size - _TAIL)
+            digest.update(file.read(_TAIL))
+    return digest.hexdigest()[:32]
+
+
+def index_entry(path: str, name: str, num_records: int) -> dict[str, Any]:
+    """The index line of one written shard (`path` may be its `.partial` file)."""
+    stat = os.stat(path)
+    return {
+        "name": name,
+        "num_records": int(num_records),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "content_hash": content_hash(path),
+    }
+
+
+def write_index(path: str, entries: Sequence[dict[str, Any]]) -> None:
+    """Writes an index file (JSON) at `path`."""
+    payload = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shards": list(entries)}
+    with open(path, "w") as file:
+        json.dump(payload, file, separators=(",", ":"))
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownFile:
+    """What an index or TFDS's `dataset_info.json` says about one file.
+
+    content_hash is None for TFDS shards (TFDS stores no hash; the fingerprint uses the size).
+    """
+
+    num_records: int
+    content_hash: str | None
+
+
+@dataclasses.dataclass
+class Lookup:
+    """Per path, what is known without opening it, and why the rest must be opened."""
+
+    known: dict[str, KnownFile] = dataclasses.field(default_factory=dict)
+    # path -> why its index entry cannot be used (it differs from the file).
+    stale: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def look_up(paths: Sequence[str], stats: Sequence[os.stat_result]) -> Lookup:
+    """Record counts and content hashes of files that a shard index or TFDS info describes.
+
+    A file is taken from an index when its name, size and modification time (ns) match its entry;
+    from a TFDS `dataset_info.json` when its split's `shardLengths` has one count per shard.
+    """
+    lookup = Lookup()
+    groups: dict[tuple[str, str, str], list[tuple[str, os.stat_result]]] = {}
+    for path, stat in zip(paths, stats, strict=True):
+        shard = ShardName.parse(os.path.basename(path))
+        if shard is not None:
+            key = (os.path.dirname(path), shard.stem, shard.suffix)
+            groups.setdefault(key, []).append((path, stat))
+    for (directory, stem, _), members in groups.items():
+        stem_path = os.path.join(directory, stem)
+        if os.path.exists(index_path(stem_path)):
+            _from_index(index_path(stem_path), members, lookup)
+        elif os.path.exists(os.path.join(directory, TFDS_INFO)):
+            _from_tfds_info(os.path.join(directory, TFDS_INFO), stem, members, lookup)
+    return lookup
+
+
+def _from_index(path: str, members: Iterable[tuple[str, os.stat_result]], lookup: Lookup) -> None:
+    try:
+        with open(path) as file:
+            payload = json.load(file)
+        if payload.get("format") != INDEX_FORMAT or payload.get("version") != INDEX_VERSION:
+            raise ValueError(f"not a {INDEX_FORMAT} version {INDEX_VERSION}")
+        entries = {entry["name"]: entry for entry in payload["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        for member, _ in members:
+            lookup.stale[member] = f"the shard index {path!r} cannot be read ({error})"
+        return
+    for member, stat in members:
+        entry = entries.get(os.path.basename(member))
+        if entry is None:
+            lookup.stale[member] = f"{path!r} has no entry for it"
+        elif (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+            lookup.stale[member] = (
+                f"it has {stat.st_size} bytes, modified at {stat.st_mtime_ns} ns, where "
+                f"{path!r} says {entry.get('size')} bytes at {entry.get('mtime_ns')} ns "
+                f"({entry.get('num_records')} records)"
+            )
+        else:
+            lookup.known[member] = KnownFile(int(entry["num_records"]), str(entry["content_hash"]))
+
+
+def _from_tfds_info(
+    path: str, stem: str, members: Sequence[tuple[str, os.stat_result]], lookup: Lookup
+) -> None:
+    try:
+        with open(path) as file:
+            info = json.load(file)
+        lengths = {
+            f"{info['name']}-{split['name']}.array_record": split.get("shardLengths")
+            for split in info.get("splits", [])
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.info("cannot use %s (%s): opening the files", path, error)
+        return
+    shard_lengths = lengths.get(stem)
+    for member, _ in members:
+        shard = ShardName.parse(os.path.basename(member))
+        if shard_lengths is None or len(shard_lengths) != shard.total:
+            lookup.stale[member] = f"{path!r} lists no {shard.total} shard lengths for {stem!r}"
+        else:
+            lookup.known[member] = KnownFile(int(shard_lengths[shard.index]), None)
