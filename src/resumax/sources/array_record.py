@@ -8,6 +8,7 @@ are opened on demand from a bounded pool (`resumax.sources.readers`).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -48,13 +49,31 @@ def _expand(pattern: str) -> list[str]:
     if os.path.exists(pattern) or not _GLOB_CHARACTERS.intersection(pattern):
         return [pattern]
     directory, name = os.path.split(pattern)
-    if _GLOB_CHARACTERS.intersection(directory) and os.path.isdir(directory):
-        pattern = os.path.join(glob.escape(directory), name)
-    matches = sorted(path for path in glob.glob(pattern) if not shard_index.is_index_file(path))
+    if not _GLOB_CHARACTERS.intersection(directory) or os.path.isdir(directory):
+        matches = _match_in(directory, name)
+    else:
+        matches = sorted(path for path in glob.glob(pattern) if not shard_index.is_index_file(path))
     if not matches:
         raise DataSourceError(f"the glob {pattern!r} matches no file")
     shard_index.check_complete_sets(matches, pattern)
     return matches
+
+
+def _match_in(directory: str, name_pattern: str) -> list[str]:
+    """Sorted files of one literal directory whose names match, as glob would (no hidden files
+    unless the pattern starts with a dot), in one listing: fast for 10^5 shards."""
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return []
+    if not name_pattern.startswith("."):
+        names = [name for name in names if not name.startswith(".")]
+    matches = fnmatch.filter(names, name_pattern)
+    return [
+        os.path.join(directory, name)
+        for name in sorted(matches)
+        if not shard_index.is_index_file(name)
+    ]
 
 
 def resolve_paths(paths: PathsLike) -> list[str]:
@@ -96,10 +115,10 @@ class ResolvedFiles:
     stale: tuple[str, ...] = ()
 
 
-def files_fingerprint(entries: Sequence[tuple[str, int, str]]) -> str:
-    """A short hash of (file name, record count, content hash) triples: identifies the records,
-    not where the files live, so a moved or renamed directory keeps it."""
-    payload = json.dumps([[name, int(count), digest] for name, count, digest in entries])
+def files_fingerprint(names: Sequence[str], counts: Sequence[int], hashes: Sequence[str]) -> str:
+    """A short hash of the files' names, record counts and content hashes: identifies the
+    records, not where the files live, so a moved or renamed directory keeps it."""
+    payload = json.dumps([list(names), [int(count) for count in counts], list(hashes)])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -133,7 +152,7 @@ def resolve_files(paths: PathsLike, max_open_files: int = DEFAULT_MAX_OPEN_FILES
         paths=tuple(absolute),
         identities=tuple(FileIdentity.of(stat) for stat in stats),
         counts=tuple(counts),
-        fingerprint=files_fingerprint(list(zip(base_names, counts, hashes, strict=True))),
+        fingerprint=files_fingerprint(base_names, counts, hashes),
         stale=tuple(stale),
     )
 

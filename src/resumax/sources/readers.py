@@ -4,13 +4,13 @@ pool of readers opened on demand, each checked to be the very file the source wa
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
+import stat as stat_module
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from array_record.python import array_record_module
@@ -23,8 +23,7 @@ DEFAULT_MAX_OPEN_FILES = 128
 _RANDOM_ACCESS_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 
 
-@dataclasses.dataclass(frozen=True)
-class FileIdentity:
+class FileIdentity(NamedTuple):
     """Which file a path named when the source was built: a rewrite or replacement changes it."""
 
     size: int
@@ -63,7 +62,7 @@ def stat_data_file(path: str) -> os.stat_result:
         raise DataSourceError(f"data file {path!r} does not exist") from None
     except OSError as error:
         raise os_refusal(path, error) from error
-    if os.path.isdir(path):
+    if stat_module.S_ISDIR(stat.st_mode):
         raise DataSourceError(
             f"data path {path!r} is a directory; pass files or a glob such as "
             f"{os.path.join(path, '*.array_record')}"
@@ -82,17 +81,14 @@ def open_reader(
 
     With `identity`, the file must still be the one it describes (same size, modification time
     and inode): a file regenerated since the source was built is refused, in every process.
+    When the OS refuses the file (too many open files, permissions) the error says so.
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY)
+        found = FileIdentity.of(os.stat(path))
     except FileNotFoundError:
         raise DataSourceError(f"data file {path!r} does not exist (any more)") from None
     except OSError as error:
         raise os_refusal(path, error, max_open_files) from error
-    try:
-        found = FileIdentity.of(os.fstat(descriptor))
-    finally:
-        os.close(descriptor)
     if identity is not None and found != identity:
         raise DataSourceError(
             f"data file {path!r} changed since the source was opened ({identity} then, {found} "
@@ -102,12 +98,23 @@ def open_reader(
     try:
         reader = array_record_module.ArrayRecordReader(path, _RANDOM_ACCESS_OPTIONS)
     except Exception as error:
+        _raise_if_os_refuses(path, max_open_files)
         raise DataSourceError(f"cannot open ArrayRecord file {path!r}: {error}") from error
     if not reader.ok():
+        _raise_if_os_refuses(path, max_open_files)
         raise DataSourceError(
             f"data file {path!r} is not a valid ArrayRecord file (corrupt or truncated)"
         )
     return reader
+
+
+def _raise_if_os_refuses(path: str, max_open_files: int | None) -> None:
+    """After a failed open: raises the OS's reason (too many open files, permissions) if the
+    file cannot be opened at all, so that it is not mistaken for a corrupt file."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as error:
+        raise os_refusal(path, error, max_open_files) from error
 
 
 class ReaderPool:
