@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import resumax
-from resumax.errors import DataSourceError, StateMismatchError
+from resumax import cli
+from resumax.errors import ConfigError, DataSourceError, StateMismatchError
 from resumax.pipeline import Pipeline
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 from tests.conftest import assert_batches_equal, make_examples, take
@@ -225,3 +226,19 @@ def test_the_pool_keeps_at_most_max_open_files_open(tmp_path):
     records = source.read_records(np.arange(40)[::-1])
     assert [int(record["id"]) for record in records] == list(range(40))[::-1]
     assert source._files.pool.num_open == 3
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_max_open_files_must_be_a_positive_int(tmp_path, value):
+    paths = resumax.write_shards(tmp_path / "train", make_examples(4), num_shards=2)
+    with pytest.raises(ConfigError, match="max_open_files"):
+        ArrayRecordSourceModule(ArrayRecordSourceConfig(), paths, max_open_files=value)
+
+
+def test_convert_writes_an_index_beside_its_shards(tmp_path):
+    np.savez(tmp_path / "rows.npz", x=np.arange(12, dtype=np.int32), y=np.ones((12, 2)))
+    arguments = ["convert", str(tmp_path / "rows.npz"), str(tmp_path / "out"), "--shards", "3"]
+    assert cli.main(arguments) == 0
+    index = json.loads((tmp_path / "out.index.json").read_text())
+    assert index["num_records"] == [4, 4, 4]
+    assert len(source_of(str(tmp_path / "out-*.array_record"))) == 12

@@ -26,9 +26,9 @@ from resumax import records, shard_index
 from resumax.errors import ConfigError, DataSourceError, RecordDecodeError, StateMismatchError
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource
 from resumax.sources.readers import (
-    DEFAULT_MAX_OPEN_FILES,
     ArrayRecordFiles,
     FileIdentity,
+    default_max_open_files,
     open_reader,
     stat_data_file,
 )
@@ -122,7 +122,7 @@ def files_fingerprint(names: Sequence[str], counts: Sequence[int], hashes: Seque
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def resolve_files(paths: PathsLike, max_open_files: int = DEFAULT_MAX_OPEN_FILES) -> ResolvedFiles:
+def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> ResolvedFiles:
     """Finds, checks and identifies a source's files; opens only those no index describes.
 
     Record counts and content hashes come from the shard index `write_shards` writes beside a
@@ -189,7 +189,9 @@ class ArrayRecordSourceModule(RecordSource):
         it is a pure function of (seed, epoch, position).
       decode: bytes -> example; defaults to `resumax.records.decode`.
       max_open_files: most files this process keeps open at once (readers are opened on demand
-        and the least recently used closed); each worker process has its own pool.
+        and the least recently used closed); None: 1/8 of the process's `ulimit -n` (128 under
+        1024), between 16 and 4096. Each worker process has its own pool. Shuffled reading over
+        more files than this reopens files (tens of microseconds each).
 
     The fingerprint hashes each file's name, record count and content hash (see
     `resolve_files`): a regenerated shard changes it, a moved directory does not. Every file
@@ -203,12 +205,16 @@ class ArrayRecordSourceModule(RecordSource):
         *,
         rngs: nnx.Rngs | None = None,
         decode: Callable[[bytes], Any] | None = None,
-        max_open_files: int = DEFAULT_MAX_OPEN_FILES,
+        max_open_files: int | None = None,
     ):
-        if not isinstance(max_open_files, int) or isinstance(max_open_files, bool):
-            raise ConfigError(f"max_open_files must be an int >= 1, got {max_open_files!r}")
-        if max_open_files < 1:
-            raise ConfigError(f"max_open_files must be an int >= 1, got {max_open_files!r}")
+        if max_open_files is None:
+            max_open_files = default_max_open_files()
+        if (
+            not isinstance(max_open_files, int)
+            or isinstance(max_open_files, bool)
+            or max_open_files < 1
+        ):
+            raise ConfigError(f"max_open_files must be None or an int >= 1, got {max_open_files!r}")
         if not isinstance(paths, ResolvedFiles):
             paths = resolve_files(paths, max_open_files)
         self._resolved = paths

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat as stat_module
 import threading
 from collections import OrderedDict
@@ -17,10 +18,19 @@ from array_record.python import array_record_module
 
 from resumax.errors import DataSourceError
 
-# Per process. Workers each have their own pool, so with N workers up to (N + 1) x this many
-# files are open; 128 keeps even 7 workers well under a 1024 `ulimit -n`.
-DEFAULT_MAX_OPEN_FILES = 128
+# The default pool is this fraction of the process's open-file limit (128 under `ulimit -n 1024`,
+# leaving room for everything else the process opens), within these bounds.
+_LIMIT_FRACTION, _MIN_DEFAULT, _MAX_DEFAULT = 8, 16, 4096
 _RANDOM_ACCESS_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
+
+
+def default_max_open_files() -> int:
+    """Readers a source keeps open by default: 1/8 of this process's `ulimit -n` (128 under
+    1024), between 16 and 4096. Each worker process has its own pool and its own limit."""
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_limit == resource.RLIM_INFINITY:
+        return _MAX_DEFAULT
+    return max(_MIN_DEFAULT, min(_MAX_DEFAULT, soft_limit // _LIMIT_FRACTION))
 
 
 class FileIdentity(NamedTuple):
@@ -173,7 +183,7 @@ class ArrayRecordFiles:
         paths: Sequence[str],
         counts: Sequence[int],
         identities: Sequence[FileIdentity],
-        max_open_files: int = DEFAULT_MAX_OPEN_FILES,
+        max_open_files: int,
     ):
         self.paths = list(paths)
         self.counts = [int(count) for count in counts]
