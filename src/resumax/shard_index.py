@@ -5,6 +5,7 @@ small JSON index `write_shards` puts beside a set so that a source learns it wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,7 +25,8 @@ logger = logging.getLogger("resumax")
 
 # `train-00001-of-00003.array_record` (write_shards) and `mnist-train.array_record-00001-of-00003`
 # (TFDS): a stem, the shard number, the shard count and an optional extension.
-_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)(?P<suffix>(\.\w+)*)")
+# Matched from the name's end only: a pattern with a leading `.+` backtracks over every name.
+_SHARD_TAIL = re.compile(r"-(\d+)-of-(\d+)((?:\.\w+)*)$")
 # Bytes of a file that `content_hash` reads: its head, its tail (the ArrayRecord footer, which
 # lists every chunk's offset, and the postscript) and evenly spaced samples in between.
 _HEAD, _TAIL, _SAMPLE, _SAMPLES = 64 * 1024, 128 * 1024, 4 * 1024, 16
@@ -39,17 +41,23 @@ class ShardName(NamedTuple):
     width: int
     suffix: str
 
-    @classmethod
-    def parse(cls, name: str) -> ShardName | None:
-        match = _SHARD_NAME.fullmatch(name)
-        if match is None:
-            return None
-        stem, index, total, suffix = match.group("stem", "index", "total", "suffix")
-        return cls(stem, int(index), int(total), len(index), suffix)
+    @staticmethod
+    def parse(name: str) -> ShardName | None:
+        return _parse_shard_name(name)
 
     def sibling(self, index: int) -> str:
         """The name of shard `index` of the same set."""
         return f"{self.stem}-{index:0{self.width}d}-of-{self.total:0{self.width}d}{self.suffix}"
+
+
+# Cached: a glob's completeness check and the index lookup parse the same names.
+@functools.lru_cache(maxsize=1 << 17)
+def _parse_shard_name(name: str) -> ShardName | None:
+    match = _SHARD_TAIL.search(name)
+    if match is None or match.start() == 0:
+        return None
+    index, total, suffix = match.groups()
+    return ShardName(name[: match.start()], int(index), int(total), len(index), suffix)
 
 
 # (directory, stem, suffix) -> the (position in the path list, parsed name) of its files.
@@ -61,7 +69,7 @@ def shard_sets(paths: Sequence[str]) -> ShardSets:
     suffix."""
     sets: ShardSets = {}
     for position, path in enumerate(paths):
-        directory, name = os.path.split(path)
+        directory, _, name = path.rpartition(os.sep)
         shard = ShardName.parse(name)
         if shard is not None:
             sets.setdefault((directory, shard.stem, shard.suffix), []).append((position, shard))
@@ -153,14 +161,9 @@ def write_index(path: str, entries: Sequence[tuple[str, int, int, int, str]]) ->
         json.dump(payload, file, separators=(",", ":"))
 
 
-class KnownFile(NamedTuple):
-    """What an index or TFDS's `dataset_info.json` says about one file.
-
-    content_hash is None for TFDS shards (TFDS stores no hash; the fingerprint uses the size).
-    """
-
-    num_records: int
-    content_hash: str | None
+# What an index or TFDS's `dataset_info.json` says about one file: (record count, content hash);
+# the hash is None for TFDS shards (TFDS stores none; the fingerprint uses the size).
+KnownFile = tuple[int, str | None]
 
 
 @dataclasses.dataclass
@@ -198,20 +201,25 @@ def _from_index(path: str, members: _Members, lookup: Lookup) -> None:
             payload = json.load(file)
         if payload.get("format") != INDEX_FORMAT or payload.get("version") != INDEX_VERSION:
             raise ValueError(f"not a {INDEX_FORMAT} version {INDEX_VERSION}")
-        rows = zip(*(payload[column] for column in _COLUMNS), strict=True)
-        entries = {row[0]: row[1:] for row in rows}
+        _, counts, sizes, mtimes, hashes = (payload[column] for column in _COLUMNS)
+        if len({len(payload[column]) for column in _COLUMNS}) != 1:
+            raise ValueError("its columns differ in length")
+        if not all(type(count) is int and count >= 0 for count in counts):
+            raise ValueError("its record counts must be ints >= 0")
+        rows = {name: row for row, name in enumerate(payload["names"])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         for member, _, _ in members:
             lookup.stale[member] = f"the shard index {path!r} cannot be read ({error})"
         return
+    known = lookup.known
     for member, stat, _ in members:
-        entry = entries.get(os.path.basename(member))
-        if entry is None:
+        row = rows.get(member.rpartition(os.sep)[2])
+        if row is None:
             lookup.stale[member] = f"{path!r} has no entry for it"
             continue
-        num_records, size, mtime_ns, digest = entry
+        num_records, size, mtime_ns = counts[row], sizes[row], mtimes[row]
         if size == stat.st_size and mtime_ns == stat.st_mtime_ns:
-            lookup.known[member] = KnownFile(int(num_records), str(digest))
+            known[member] = (num_records, hashes[row])
         else:
             lookup.stale[member] = (
                 f"it has {stat.st_size} bytes, modified at {stat.st_mtime_ns} ns, where "
@@ -235,4 +243,4 @@ def _from_tfds_info(path: str, stem: str, members: _Members, lookup: Lookup) -> 
         if shard_lengths is None or len(shard_lengths) != shard.total:
             lookup.stale[member] = f"{path!r} lists no {shard.total} shard lengths for {stem!r}"
         else:
-            lookup.known[member] = KnownFile(int(shard_lengths[shard.index]), None)
+            lookup.known[member] = (int(shard_lengths[shard.index]), None)

@@ -29,6 +29,7 @@ from resumax.sources.readers import (
     ArrayRecordFiles,
     FileIdentity,
     default_max_open_files,
+    file_identity,
     open_reader,
     stat_data_file,
 )
@@ -68,12 +69,9 @@ def _match_in(directory: str, name_pattern: str) -> list[str]:
         return []
     if not name_pattern.startswith("."):
         names = [name for name in names if not name.startswith(".")]
-    matches = fnmatch.filter(names, name_pattern)
-    return [
-        os.path.join(directory, name)
-        for name in sorted(matches)
-        if not shard_index.is_index_file(name)
-    ]
+    prefix = os.path.join(directory, "")
+    matches = sorted(fnmatch.filter(names, name_pattern))
+    return [prefix + name for name in matches if not shard_index.is_index_file(name)]
 
 
 def resolve_paths(paths: PathsLike) -> list[str]:
@@ -131,26 +129,26 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
     `shard_index.content_hash`. Which files were opened, and why, is logged or warned.
     """
     names = resolve_paths(paths)
-    absolute = [os.path.abspath(path) for path in names]
+    absolute = [path if os.path.isabs(path) else os.path.abspath(path) for path in names]
     stats = [stat_data_file(path) for path in names]
     lookup = shard_index.look_up(absolute, stats)
     counts, hashes, stale = [], [], []
     for path, stat in zip(absolute, stats, strict=True):
         known = lookup.known.get(path)
         if known is None:
-            reader = open_reader(path, FileIdentity.of(stat), max_open_files)
-            known = shard_index.KnownFile(reader.num_records(), shard_index.content_hash(path))
+            reader = open_reader(path, file_identity(stat), max_open_files)
+            known = (reader.num_records(), shard_index.content_hash(path))
             reader.close()
         if path in lookup.stale:
             name, why = os.path.basename(path), lookup.stale[path]
-            stale.append(f"{name}: {why}; it has {known.num_records} records")
-        counts.append(known.num_records)
-        hashes.append(known.content_hash or f"size:{stat.st_size}")
+            stale.append(f"{name}: {why}; it has {known[0]} records")
+        counts.append(known[0])
+        hashes.append(known[1] or f"size:{stat.st_size}")
     _report_opened(absolute, lookup, stale)
-    base_names = [os.path.basename(path) for path in absolute]
+    base_names = [path.rpartition(os.sep)[2] for path in absolute]
     return ResolvedFiles(
         paths=tuple(absolute),
-        identities=tuple(FileIdentity.of(stat) for stat in stats),
+        identities=tuple(map(file_identity, stats)),
         counts=tuple(counts),
         fingerprint=files_fingerprint(base_names, counts, hashes),
         stale=tuple(stale),

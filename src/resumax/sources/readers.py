@@ -11,7 +11,7 @@ import stat as stat_module
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from array_record.python import array_record_module
@@ -33,17 +33,18 @@ def default_max_open_files() -> int:
     return max(_MIN_DEFAULT, min(_MAX_DEFAULT, soft_limit // _LIMIT_FRACTION))
 
 
-class FileIdentity(NamedTuple):
-    """Which file a path named when the source was built: a rewrite or replacement changes it."""
+# Which file a path named when the source was built, as (size, mtime_ns, inode, device): a rewrite
+# or a replacement changes it. Plain tuples: a source over 10^5 files builds one per file.
+FileIdentity = tuple[int, int, int, int]
 
-    size: int
-    mtime_ns: int
-    inode: int
-    device: int
 
-    @classmethod
-    def of(cls, stat: os.stat_result) -> FileIdentity:
-        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
+def file_identity(stat: os.stat_result) -> FileIdentity:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev
+
+
+def _describe(identity: FileIdentity) -> str:
+    size, mtime_ns, inode, device = identity
+    return f"{size} bytes, mtime_ns {mtime_ns}, inode {inode} on device {device}"
 
 
 def os_refusal(path: str, error: OSError, max_open_files: int | None = None) -> DataSourceError:
@@ -94,16 +95,16 @@ def open_reader(
     When the OS refuses the file (too many open files, permissions) the error says so.
     """
     try:
-        found = FileIdentity.of(os.stat(path))
+        found = file_identity(os.stat(path))
     except FileNotFoundError:
         raise DataSourceError(f"data file {path!r} does not exist (any more)") from None
     except OSError as error:
         raise os_refusal(path, error, max_open_files) from error
     if identity is not None and found != identity:
         raise DataSourceError(
-            f"data file {path!r} changed since the source was opened ({identity} then, {found} "
-            "now): it was rewritten or replaced while in use; rebuild the source (or restart) "
-            "once the files are final"
+            f"data file {path!r} changed since the source was opened ({_describe(identity)} "
+            f"then, {_describe(found)} now): it was rewritten or replaced while in use; rebuild "
+            "the source (or restart) once the files are final"
         )
     try:
         reader = array_record_module.ArrayRecordReader(path, _RANDOM_ACCESS_OPTIONS)
