@@ -18,6 +18,7 @@ from resumax.sources import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
     MemorySource,
+    MixtureSource,
     RecordSource,
 )
 from resumax.stages import BatchMap, Filter, Map, RandomMap
@@ -34,6 +35,7 @@ __all__ = [
     "Filter",
     "Map",
     "MemorySource",
+    "MixtureSource",
     "Pipeline",
     "RandomMap",
     "RecordDecodeError",
