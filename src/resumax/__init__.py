@@ -14,6 +14,7 @@ from resumax.errors import (
 )
 from resumax.pipeline import Pipeline
 from resumax.records import decode, encode, write_array_record, write_shards
+from resumax.sequences import Pad
 from resumax.sources import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
@@ -36,6 +37,7 @@ __all__ = [
     "Map",
     "MemorySource",
     "MixtureSource",
+    "Pad",
     "Pipeline",
     "RandomMap",
     "RecordDecodeError",
