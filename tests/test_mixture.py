@@ -267,6 +267,21 @@ def test_a_component_that_is_not_a_source_raises_config_error():
         MixtureSource(ArrayRecordSourceConfig(), {"code": corpus("code", 3)}, {"code": 1})
 
 
+def test_a_mixture_is_not_a_component_of_another():
+    with pytest.raises(ConfigError, match="'inner' is itself a MixtureSource"):
+        MixtureSource(ArrayRecordSourceConfig(), {"inner": mixture()}, {"inner": 1})
+
+
+def test_positions_far_into_the_stream_are_computed_without_a_scan():
+    source = mixture({"prose": 0.7, "code": 0.3})
+    far = 10**12
+    first_block = source.record_indices(far // len(source), 0, len(source))
+    np.testing.assert_array_equal(source.record_indices(far // len(source), 0, 3), first_block[:3])
+    served = source.draws_before(far)
+    assert served.sum() == far
+    assert np.abs(served - np.array([0.3, 0.7]) * far).max() <= len(source)
+
+
 def test_state_is_a_few_integers_per_component():
     sizes = {f"corpus{i}": 10 + i for i in range(10)}
     two = mixture({"corpus0": 1, "corpus1": 2}, sizes=sizes).get_state()

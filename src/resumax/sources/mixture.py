@@ -68,6 +68,11 @@ def _check_components(sources: Any, weights: Any) -> list[str]:
                 f"mixture component {name!r} is a {type(source).__name__}, not a resumax source "
                 "(ArrayRecordSourceModule, MemorySource, ...)"
             )
+        if isinstance(source, MixtureSource):
+            raise ConfigError(
+                f"mixture component {name!r} is itself a MixtureSource; list its components in "
+                "this mixture instead, with their weights multiplied by its weight"
+            )
     missing, extra = sorted(set(sources) - set(weights)), sorted(set(weights) - set(sources))
     if missing or extra:
         raise ConfigError(
