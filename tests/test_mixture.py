@@ -198,6 +198,18 @@ def test_reweighted_resume_continues_every_component_without_repeat_or_skip():
     assert abs(code - 0.9 * 2000) <= block and abs(prose - 0.1 * 2000) <= block
 
 
+def test_reweighted_resume_on_another_process_count_repeats_and_skips_nothing():
+    before = process_pipelines(2)
+    first = global_batches(before, 6)
+    state = json.loads(json.dumps(before[0].get_state()))
+    after = Pipeline(mixture({"prose": 1, "code": 2}), [RandomMap(jitter)], batch_size=12, rngs=1)
+    after.set_state(state)
+    served_before, served_after = draws(first), draws(take(after, 30))
+    for name in ("prose", "code"):
+        together = served_before[TAGS[name]] + served_after[TAGS[name]]
+        assert together == own_order(name, len(together))
+
+
 def test_resume_with_the_same_weights_keeps_the_block_alignment():
     reweighted = mixture({"prose": 1, "code": 4})
     reweighted.set_state(mixture().get_state() | {"current_index": 5})
