@@ -142,8 +142,7 @@ class MixtureSource(RecordSource):
 
     # Positions -> component draws -> records ---------------------------------------------------
 
-    def _layout(self, block: int) -> schedule.BlockLayout:
-        origin = self._schedule.value.origin
+    def _layout(self, origin: int, block: int) -> schedule.BlockLayout:
         layout = self._layouts.get((origin, block))
         if layout is None:
             layout = schedule.block_layout(
@@ -157,9 +156,8 @@ class MixtureSource(RecordSource):
             self._layouts.put((origin, block), layout)
         return layout
 
-    def _block_of(self, position: int) -> tuple[int, int]:
+    def _block_of(self, position: int, origin: int) -> tuple[int, int]:
         """(block after the origin, slot in it) of a mixture position."""
-        origin = self._schedule.value.origin
         if position < origin:
             raise ConfigError(
                 f"mixture position {position} lies before position {origin}, where the current "
@@ -169,10 +167,11 @@ class MixtureSource(RecordSource):
 
     def draws_before(self, position: int) -> np.ndarray:
         """How many records each component (in `names` order) serves before `position`."""
-        block, slot = self._block_of(position)
-        layout = self._layout(block)
+        current = self._schedule.value
+        block, slot = self._block_of(position, current.origin)
+        layout = self._layout(current.origin, block)
         served = np.bincount(layout.components[:slot], minlength=len(self.names))
-        return np.asarray(self._schedule.value.offsets, dtype=np.int64) + layout.before + served
+        return np.asarray(current.offsets, dtype=np.int64) + layout.before + served
 
     def record_indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """Record ids of mixture positions [start, stop) of block `epoch`.
@@ -181,20 +180,19 @@ class MixtureSource(RecordSource):
         (e * len(c) + i) * number_of_components + c: unique per record of each component epoch,
         so RandomMap draws differ between them.
         """
-        block_start = epoch * self.records_per_epoch
-        position, stop_position = block_start + start, block_start + stop
+        current = self._schedule.value
+        offsets = np.asarray(current.offsets, dtype=np.int64)
+        position = epoch * self.records_per_epoch + start
         ids = np.empty(stop - start, dtype=np.int64)
-        offsets = np.asarray(self._schedule.value.offsets, dtype=np.int64)
         done = 0
-        while position < stop_position:
-            block, slot = self._block_of(position)
-            slot_stop = min(self.records_per_epoch, slot + stop_position - position)
-            layout = self._layout(block)
+        while done < len(ids):
+            block, slot = self._block_of(position + done, current.origin)
+            slot_stop = min(self.records_per_epoch, slot + len(ids) - done)
+            layout = self._layout(current.origin, block)
             components = layout.components[slot:slot_stop]
             draws = offsets[components] + layout.before[components] + layout.ranks[slot:slot_stop]
             ids[done : done + len(components)] = self._encode(components, draws)
             done += len(components)
-            position += len(components)
         return ids
 
     def _encode(self, components: np.ndarray, draws: np.ndarray) -> np.ndarray:
@@ -287,10 +285,10 @@ class MixtureSource(RecordSource):
         """
         if not isinstance(state, dict):
             raise StateMismatchError(f"a source state must be a dict, got {type(state).__name__}")
-        missing = sorted({*super().get_state(), "origin", "weights", "components"} - set(state))
+        own = super().get_state()
+        missing = sorted({*own, "origin", "weights", "components"} - set(state))
         if missing:
             raise StateMismatchError(f"mixture state lacks the field(s) {missing}; got {state!r}")
-        own = RecordSource.get_state(self)
         for field in ("version", "seed", "shuffle"):
             if state[field] != own[field]:
                 raise StateMismatchError(
