@@ -109,19 +109,20 @@ def test_random_map_draws_differ_between_records_of_different_components():
     assert len(set(noise.values())) == len(noise)
 
 
-def test_resume_mid_stream_through_an_orbax_checkpoint_manager_is_exact(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_stream_through_an_orbax_checkpoint_manager_is_exact(tmp_path, num_workers):
     paths = {}
     for name in ("prose", "code"):
         paths[name] = tmp_path / f"{name}.array_record"
         resumax.write_array_record(paths[name], corpus(name, SIZES[name]))
 
-    def build():
+    def build(num_workers=0):
         config = ArrayRecordSourceConfig(seed=3, shuffle_files=True)
         sources = {name: ArrayRecordSourceModule(config, path) for name, path in paths.items()}
         source = MixtureSource(
             ArrayRecordSourceConfig(seed=4, shuffle_files=True), sources, {"prose": 2, "code": 1}
         )
-        return Pipeline(source, [RandomMap(jitter)], batch_size=16, rngs=5)
+        return Pipeline(source, [RandomMap(jitter)], batch_size=16, rngs=5, num_workers=num_workers)
 
     reference = take(build(), 12)
     before = build()
@@ -129,7 +130,7 @@ def test_resume_mid_stream_through_an_orbax_checkpoint_manager_is_exact(tmp_path
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         manager.save(5, args=ocp.args.Composite(data=CheckpointSave(before)))
         manager.wait_until_finished()
-    after = build()
+    after = build(num_workers)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         manager.restore(5, args=ocp.args.Composite(data=CheckpointRestore(after)))
     assert_batches_equal(take(after, 7), reference[5:])
