@@ -45,6 +45,7 @@ class Pad:
             raise ConfigError(f"Pad pad_value must be a number, got {pad_value!r}")
         self.lengths = {field: int(length) for field, length in lengths.items()}
         self.pad_value = pad_value
+        self._fills: dict[np.dtype, np.ndarray] = {}
 
     def __repr__(self) -> str:
         return f"Pad({self.lengths!r}, pad_value={self.pad_value!r})"
@@ -70,15 +71,23 @@ class Pad:
                 f"Pad: field {field!r} must be 1-D, got shape {values.shape}; Pad pads "
                 "sequences of tokens, one axis"
             )
-        fill = np.asarray(self.pad_value).astype(values.dtype)
-        if not np.array_equal(fill, self.pad_value, equal_nan=fill.dtype.kind in "fc"):
-            raise StageError(
-                f"Pad: pad_value={self.pad_value!r} does not fit field {field!r} of dtype "
-                f"{values.dtype}"
-            )
         kept = min(len(values), length)
-        out = np.full(length, fill, dtype=values.dtype)
+        out = np.empty(length, dtype=values.dtype)
         out[:kept] = values[:kept]
+        out[kept:] = self._fill(field, values.dtype)
         mask = np.zeros(length, dtype=bool)
         mask[:kept] = True
         return out, mask
+
+    def _fill(self, field: str, dtype: np.dtype) -> np.ndarray:
+        """pad_value as a `dtype` scalar; StageError if that changes its value (0.5 as an int)."""
+        fill = self._fills.get(dtype)
+        if fill is None:
+            fill = np.asarray(self.pad_value).astype(dtype)
+            if not np.array_equal(fill, self.pad_value, equal_nan=dtype.kind in "fc"):
+                raise StageError(
+                    f"Pad: pad_value={self.pad_value!r} does not fit field {field!r} of dtype "
+                    f"{dtype}"
+                )
+            self._fills[dtype] = fill
+        return fill
