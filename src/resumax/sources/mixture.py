@@ -40,7 +40,8 @@ class _ScheduleBox:
 
 
 class _LayoutCache:
-    """The last two block layouts, swapped in as one tuple (a prefetch thread reads it too)."""
+    """The last few block layouts, swapped in as one tuple (a prefetch thread reads it too, a
+    few blocks ahead of the caller's position)."""
 
     def __init__(self) -> None:
         self._entries: tuple[tuple[tuple[int, int], schedule.BlockLayout], ...] = ()
@@ -49,7 +50,7 @@ class _LayoutCache:
         return next((layout for k, layout in self._entries if k == key), None)
 
     def put(self, key: tuple[int, int], layout: schedule.BlockLayout) -> None:
-        self._entries = ((key, layout), *self._entries[:1])
+        self._entries = ((key, layout), *self._entries[:3])
 
 
 def _check_components(sources: Any, weights: Any) -> list[str]:
