@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from resumax import records
+from resumax import records, shard_index
 from resumax.errors import DataSourceError, ResumaxError
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
@@ -46,6 +46,7 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {len(rows)} records with fields {sorted(columns)} to {len(paths)} files:")
     for path in paths:
         print(f"  {path}")
+    print(f"and their index {shard_index.index_path(args.prefix)}")
     return 0
 
 

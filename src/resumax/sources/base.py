@@ -225,7 +225,9 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         missing = sorted(set(expected) - set(state))
         if missing:
             raise StateMismatchError(f"source state lacks the field(s) {missing}; got {state!r}")
-        for field in ("version", "fingerprint", "num_records", "seed", "shuffle"):
+        # num_records before fingerprint: records added to a file change both, and the count
+        # is the more telling of the two.
+        for field in ("version", "num_records", "fingerprint", "seed", "shuffle"):
             if state[field] != expected[field] or type(state[field]) is not type(expected[field]):
                 raise StateMismatchError(
                     f"source state field {field!r} is {state[field]!r} but this source has "
