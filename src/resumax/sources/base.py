@@ -126,6 +126,15 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         """Decoded records at the given dataset indices, in that order."""
         raise NotImplementedError
 
+    @property
+    def batch_decodable(self) -> bool:
+        """True when `read_raw` gives records in resumax's codec (`resumax.records.decode`)."""
+        return False
+
+    def read_raw(self, record_indices: Sequence[int]) -> list[bytes]:
+        """Undecoded bytes of the records at the given dataset indices, for sources of bytes."""
+        raise NotImplementedError
+
     def reopener(self) -> Callable[[], RecordSource]:
         """A picklable zero-argument callable that opens this source's data again.
 
