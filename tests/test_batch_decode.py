@@ -7,7 +7,7 @@ import pytest
 
 import resumax
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Filter, Pipeline, RandomMap
-from resumax.batch_decode import SpanDecoder, parse_layout
+from resumax.batch_decode import JOIN_LIMIT, SpanDecoder, parse_layout
 from resumax.batching import stack_if_uniform
 from tests.conftest import assert_batches_equal, make_examples, take
 
@@ -63,6 +63,21 @@ def test_a_uniform_span_stacks_to_what_per_record_decode_and_stack_give():
     assert list(stacked.arrays) == list(expected)
     assert_batches_equal([stacked.arrays], [expected])
     assert all(array.flags.writeable for array in stacked.arrays.values())
+
+
+def test_long_records_copied_record_by_record_stack_the_same():
+    rng = np.random.default_rng(1)
+    side = 90  # 90 x 90 x 3 bytes: past JOIN_LIMIT, each record's fields are copied on their own
+    examples = [
+        {"image": rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "label": np.int64(i)}
+        for i in range(6)
+    ]
+    raw = encoded(examples)
+    assert len(raw[0]) > JOIN_LIMIT
+    expected = stack_if_uniform([resumax.decode(data) for data in raw])
+    assert_batches_equal([SpanDecoder()(raw).arrays], [expected])
+    examples[4] = {"image": examples[4]["image"], "label": 4}
+    assert SpanDecoder()(encoded(examples)) is None
 
 
 def test_per_record_views_are_what_decode_gives():

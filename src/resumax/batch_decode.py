@@ -26,6 +26,9 @@ _COLUMN_DTYPE_KINDS = frozenset("biufc")
 # Python values that may be shared by every record of a span (immutable, stacked exactly).
 _CONSTANT_TYPES = (bool, int, float, str, bytes, type(None))
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Shorter records are joined and cut into columns by a few numpy calls per span; longer ones are
+# copied field by field from each record, which saves a copy of the span's bytes.
+JOIN_LIMIT = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,24 +67,38 @@ class RecordLayout:
     template: tuple[tuple[int, int], ...]
     first_record: np.ndarray
 
-    def matches(self, rows: np.ndarray) -> bool:
-        """True if every row (a record's bytes) has this layout's length and template bytes."""
-        if rows.shape[1] != self.length:
-            return False
+    def matches(self, records: np.ndarray | Sequence[bytes]) -> bool:
+        """True if every record (a row of joined bytes, or bytes) has this layout's length and
+        the first record's bytes outside the payloads."""
         first = self.first_record
-        return all((rows[:, a:b] == first[a:b]).all() for a, b in self.template)
+        if isinstance(records, np.ndarray):
+            return records.shape[1] == self.length and all(
+                (records[:, a:b] == first[a:b]).all() for a, b in self.template
+            )
+        template = [(a, b, first[a:b].tobytes()) for a, b in self.template]
+        return all(
+            len(data) == self.length and all(data[a:b] == part for a, b, part in template)
+            for data in records
+        )
 
-    def columns(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Each field of the records in `rows` (which `matches`), stacked in new memory."""
-        count = len(rows)
+    def columns(self, records: np.ndarray | Sequence[bytes]) -> dict[str, np.ndarray]:
+        """Each field of the records (which `matches`) stacked in new memory: cut from joined
+        rows, or copied from each record (one copy instead of two, for long records)."""
+        count = len(records)
         arrays = {}
         for field in self.fields:
             if not field.is_array:
                 arrays[field.key] = np.stack([field.constant] * count)
-            elif field.stop == field.start:
+                continue
+            if isinstance(records, np.ndarray):
+                column = np.ascontiguousarray(records[:, field.start : field.stop])
+            else:
+                column = np.empty((count, field.stop - field.start), dtype=np.uint8)
+                for row, data in enumerate(records):
+                    column[row] = memoryview(data)[field.start : field.stop]
+            if field.stop == field.start:
                 arrays[field.key] = np.zeros((count, *field.shape), dtype=field.dtype)
             else:
-                column = np.ascontiguousarray(rows[:, field.start : field.stop])
                 arrays[field.key] = column.view(field.dtype).reshape(count, *field.shape)
         return arrays
 
@@ -202,11 +219,13 @@ class SpanDecoder:
         length = len(raw[0])
         if set(map(len, raw)) != {length}:
             return None
-        rows = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), length)
+        records: np.ndarray | Sequence[bytes] = raw
+        if length < JOIN_LIMIT:
+            records = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), length)
         layout = self._layout
-        if layout is None or not layout.matches(rows):
+        if layout is None or not layout.matches(records):
             layout = parse_layout(raw[0])
-            if layout is None or not layout.matches(rows):
+            if layout is None or not layout.matches(records):
                 return None
             self._layout = layout
-        return StackedSpan(layout.columns(rows), layout)
+        return StackedSpan(layout.columns(records), layout)
