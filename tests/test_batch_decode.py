@@ -125,6 +125,7 @@ def test_one_decoder_follows_a_change_of_layout():
 def test_a_record_that_is_not_a_dict_has_no_layout():
     assert parse_layout(b"\x93\x01\x02\x03") is None
     assert parse_layout(resumax.encode({"x": 1}) + b"\x00") is None
+    assert parse_layout(resumax.encode({})) is None
 
 
 def both_paths(path, **options) -> list[Pipeline]:

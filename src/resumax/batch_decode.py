@@ -5,8 +5,8 @@ Records written by `resumax.records.encode` from examples of one layout (same ke
 shapes) have equal length and identical bytes outside the array payloads. The first record's
 layout is parsed once; the span's bytes are joined into an (n, length) uint8 array, the bytes
 outside the payloads are checked against the first row, and each field is a column of that
-array viewed as its dtype. Any other span returns None and takes the per-record path, which
-gives the same arrays.
+array viewed as its dtype (long records skip the join: each field is copied from each record).
+Any other span returns None and takes the per-record path, which gives the same arrays.
 """
 
 from __future__ import annotations
@@ -155,7 +155,9 @@ def parse_layout(data: bytes) -> RecordLayout | None:
             fields.append(field)
     except Exception:
         return None
-    if unpacker.tell() != len(data) or len({field.key for field in fields}) != len(fields):
+    if unpacker.tell() != len(data) or not fields:
+        return None
+    if len({field.key for field in fields}) != len(fields):
         return None
     template, start = [], 0
     for field in fields:
