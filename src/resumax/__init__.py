@@ -14,10 +14,12 @@ from resumax.errors import (
 )
 from resumax.pipeline import Pipeline
 from resumax.records import decode, encode, write_array_record, write_shards
+from resumax.sequences import Pad
 from resumax.sources import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
     MemorySource,
+    MixtureSource,
     RecordSource,
 )
 from resumax.stages import BatchMap, Filter, Map, RandomMap
@@ -34,6 +36,8 @@ __all__ = [
     "Filter",
     "Map",
     "MemorySource",
+    "MixtureSource",
+    "Pad",
     "Pipeline",
     "RandomMap",
     "RecordDecodeError",
