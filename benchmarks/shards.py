@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<28} {rate:>10,.0f}")
         for name in ("shards, shuffled", "shards, shuffled, all open", "shards, in order"):
             one_file = "one file, in order" if "in order" in name else "one file, shuffled"
-            print(f"  ratio {name} / {one_file}: {speed[name] / speed[one_file]:.2f} (target >= 0.8)")
+            print(
+                f"  ratio {name} / {one_file}: {speed[name] / speed[one_file]:.2f} (target >= 0.8)"
+            )
     backing = [resumax.decode(record) for record in examples(BATCH * 4, args.record_bytes)]
     restore = median_of(
         args.rounds * 4,

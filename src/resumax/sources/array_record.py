@@ -225,15 +225,26 @@ class ArrayRecordSourceModule(RecordSource):
         self._decode = decode or records.decode
         super().__init__(config, records_per_epoch=int(total), fingerprint=paths.fingerprint)
 
-    def read_records(self, record_indices: Sequence[int]) -> list[Any]:
-        """Decoded records at the given dataset indices, in that order."""
+    @property
+    def batch_decodable(self) -> bool:
+        """True when the records use resumax's codec (the default decode), so that a span of
+        them can be decoded at once (`resumax.batch_decode`)."""
+        return self._decode is records.decode
+
+    def read_raw(self, record_indices: Sequence[int]) -> list[bytes]:
+        """Undecoded bytes of the records at the given dataset indices, in that order."""
         record_indices = np.asarray(record_indices, dtype=np.int64)
         try:
-            raw = self._files.read(record_indices)
+            return self._files.read(record_indices)
         except DataSourceError:
             raise
         except Exception as error:
             raise self._read_error(record_indices, error) from error
+
+    def read_records(self, record_indices: Sequence[int]) -> list[Any]:
+        """Decoded records at the given dataset indices, in that order."""
+        record_indices = np.asarray(record_indices, dtype=np.int64)
+        raw = self.read_raw(record_indices)
         decode = self._decode
         try:
             return [decode(data) for data in raw]

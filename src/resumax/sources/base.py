@@ -126,6 +126,15 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         """Decoded records at the given dataset indices, in that order."""
         raise NotImplementedError
 
+    @property
+    def batch_decodable(self) -> bool:
+        """True when `read_raw` gives records in resumax's codec (`resumax.records.decode`)."""
+        return False
+
+    def read_raw(self, record_indices: Sequence[int]) -> list[bytes]:
+        """Undecoded bytes of the records at the given dataset indices, for sources of bytes."""
+        raise NotImplementedError
+
     def reopener(self) -> Callable[[], RecordSource]:
         """A picklable zero-argument callable that opens this source's data again.
 
@@ -154,8 +163,9 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
 
     def seek(self, epoch: int, index: int) -> None:
         """Moves to (epoch, index); an index at the end of an epoch is the start of the next."""
-        epoch += index // self.records_per_epoch
-        self.current_epoch.set_value(int(epoch))
+        epoch = int(epoch + index // self.records_per_epoch)
+        if self.current_epoch.get_value() != epoch:  # nnx set_value: tens of us; get_value: a few
+            self.current_epoch.set_value(epoch)
         self.current_index.set_value(int(index % self.records_per_epoch))
 
     def finished(self, epoch: int) -> bool:
