@@ -4,6 +4,7 @@ from resumax import errors, order, records
 from resumax.errors import (
     CheckpointError,
     ConfigError,
+    DataFileNotFoundError,
     DataSourceError,
     RecordDecodeError,
     RecordEncodeError,
@@ -17,10 +18,13 @@ from resumax.records import decode, encode, write_array_record, write_shards
 from resumax.sources import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
+    DataSourceModule,
     MemorySource,
     RecordSource,
+    tfds_source,
 )
-from resumax.stages import BatchMap, Filter, Map, RandomMap
+from resumax.stages import BatchMap, Filter, Map, MapWithIndex, RandomMap
+from resumax.tfexample import TFExample
 
 __version__ = "0.1.0"
 
@@ -30,9 +34,12 @@ __all__ = [
     "BatchMap",
     "CheckpointError",
     "ConfigError",
+    "DataFileNotFoundError",
     "DataSourceError",
+    "DataSourceModule",
     "Filter",
     "Map",
+    "MapWithIndex",
     "MemorySource",
     "Pipeline",
     "RandomMap",
@@ -42,12 +49,14 @@ __all__ = [
     "ResumaxError",
     "StageError",
     "StateMismatchError",
+    "TFExample",
     "WorkerError",
     "decode",
     "encode",
     "errors",
     "order",
     "records",
+    "tfds_source",
     "write_array_record",
     "write_shards",
 ]

@@ -17,7 +17,7 @@ from array_record.python import array_record_module
 from flax import nnx
 
 from resumax import records
-from resumax.errors import DataSourceError, RecordDecodeError
+from resumax.errors import DataFileNotFoundError, DataSourceError, RecordDecodeError
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
 
 _RANDOM_ACCESS_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
@@ -39,7 +39,7 @@ def resolve_paths(paths: PathsLike) -> list[str]:
         if _GLOB_CHARACTERS.intersection(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
-                raise DataSourceError(f"the glob {pattern!r} matches no file")
+                raise DataFileNotFoundError(f"the glob {pattern!r} matches no file")
             files.extend(matches)
         else:
             files.append(pattern)
@@ -49,7 +49,7 @@ def resolve_paths(paths: PathsLike) -> list[str]:
 def open_reader(path: str) -> Any:
     """Opens one ArrayRecord file for random access, or raises DataSourceError naming it."""
     if not os.path.exists(path):
-        raise DataSourceError(f"data file {path!r} does not exist")
+        raise DataFileNotFoundError(f"data file {path!r} does not exist")
     if os.path.isdir(path):
         raise DataSourceError(
             f"data path {path!r} is a directory; pass files or a glob such as {path}/*"
@@ -136,6 +136,7 @@ class ArrayRecordSourceModule(RecordSource):
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """Decoded records at the given dataset indices, in that order."""
+        self.check_open()
         record_indices = np.asarray(record_indices, dtype=np.int64)
         try:
             raw = self._files.read(record_indices)
@@ -180,3 +181,4 @@ class ArrayRecordSourceModule(RecordSource):
     def close(self) -> None:
         """Closes the file readers; the source cannot read afterwards."""
         self._files.close()
+        super().close()
