@@ -1,4 +1,5 @@
-"""The `resumax` command: `inspect` prints what a set of ArrayRecord files holds, `convert` writes
+"""The `resumax` command: `inspect` prints what a set of ArrayRecord files (resumax or
+tf.train.Example records) or a TFDS dataset directory holds, `convert` writes
 an .npz file's rows as ArrayRecord shards, and `train` runs the reference training loop from a
 YAML config with `key=value` overrides."""
 
@@ -10,28 +11,12 @@ import sys
 
 import numpy as np
 
-from resumax import records
+from resumax import records, summary
 from resumax.errors import DataSourceError, ResumaxError
-from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    source = ArrayRecordSourceModule(ArrayRecordSourceConfig(), args.paths)
-    first = source[0]
-    fields = {
-        key: {
-            "dtype": str(getattr(value, "dtype", type(value).__name__)),
-            "shape": list(getattr(value, "shape", ())),
-        }
-        for key, value in first.items()
-    }
-    summary = {
-        "files": len(source.paths),
-        "records": len(source),
-        "fingerprint": source.fingerprint,
-        "fields": fields,
-    }
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary.describe(args.paths), indent=2))
     return 0
 
 
@@ -66,7 +51,9 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resumax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="summarise ArrayRecord files (paths or globs)")
+    inspect = commands.add_parser(
+        "inspect", help="summarise ArrayRecord files (paths or globs) or a TFDS dataset directory"
+    )
     inspect.add_argument("paths", nargs="+")
     inspect.set_defaults(run=_inspect)
     convert = commands.add_parser(
