@@ -126,6 +126,25 @@ def test_another_dataset_of_the_same_length_is_refused(tmp_path):
         batches_of(ArrayRecordDataSource(other), 1, state=state)
 
 
+def test_the_fingerprint_hashes_item_contents_of_any_common_type():
+    from PIL import Image
+
+    def rows(offset):
+        return [
+            {"image": Image.fromarray(np.full((2, 2), i + offset, np.uint8)), "text": "t", "n": i}
+            for i in range(20)
+        ]
+
+    def fingerprint(items):
+        return DataSourceModule(ArrayRecordSourceConfig(), items).fingerprint
+
+    assert fingerprint(rows(0)) == fingerprint(rows(0))
+    assert fingerprint(rows(0)) != fingerprint(rows(1))
+    assert fingerprint([b"a"] * 20) != fingerprint(["a"] * 20)
+    with pytest.raises(ConfigError, match="memory address"):
+        fingerprint([object()] * 3)
+
+
 def test_a_range_data_source_with_a_map_batches_its_integers():
     source = DataSourceModule(ArrayRecordSourceConfig(num_epochs=1), RangeDataSource(0, 10, 1))
     pipeline = Pipeline(source, stages=[lambda i: {"x": np.int64(i)}], batch_size=4)

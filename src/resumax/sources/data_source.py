@@ -37,7 +37,8 @@ def canonical_bytes(item: Any) -> bytes:
 
     bytes as they are; str as UTF-8; numpy arrays, numpy scalars and objects with
     `__array__` (JAX arrays, PIL images) as dtype, shape and raw bytes; bool/int/float/None by
-    value; dicts by sorted key; lists and tuples item by item. Anything else: its type name and
+    value; dicts by sorted key; lists and tuples item by item (numpy arrays include objects with
+    `__array_interface__`). Anything else: its type name and
     `repr`, which must not name a memory address (ConfigError otherwise).
     """
     if isinstance(item, bytes | bytearray | memoryview):
@@ -51,7 +52,9 @@ def canonical_bytes(item: Any) -> bytes:
         return _tagged(b"D", b"".join(key + value for key, value in entries))
     if isinstance(item, list | tuple):
         return _tagged(b"L", b"".join(map(canonical_bytes, item)))
-    if isinstance(item, np.ndarray | np.generic) or hasattr(item, "__array__"):
+    if isinstance(item, np.ndarray | np.generic) or any(
+        hasattr(item, name) for name in ("__array__", "__array_interface__")
+    ):
         array = np.asarray(item)
         if array.dtype.kind != "O":
             header = _tagged(b"H", f"{array.dtype.str}{array.shape}".encode())
