@@ -71,7 +71,9 @@ class OperatorStates:
     def __init__(self, operators: list[tuple[int, nnx.Module]]):
         """`operators`: (stage position, module) of each operator stage, in stage order."""
         self._operators = operators
-        self._delivered = self.snapshot()
+        # None until the first iterator starts: until then the modules themselves are the
+        # delivered state (changes made to them after the pipeline was built count).
+        self._delivered: Snapshot | None = None
 
     def __bool__(self) -> bool:
         return bool(self._operators)
@@ -91,8 +93,10 @@ class OperatorStates:
             self._delivered = snapshot
 
     def rewind(self) -> None:
-        """Sets the modules back to the delivered snapshot (undoing batches computed ahead)."""
+        """Sets the modules back to the delivered snapshot (undoing batches computed ahead);
+        called before an iterator starts."""
         if self._delivered is None:
+            self._delivered = self.snapshot()
             return
         for (_, module), values in zip(self._operators, self._delivered, strict=True):
             current, treedef = _leaves(module)
@@ -103,13 +107,14 @@ class OperatorStates:
 
     def to_json(self) -> list[dict[str, Any]]:
         """The delivered snapshot, JSON-safe: per operator its stage, class and Variables."""
+        delivered = self.snapshot() if self._delivered is None else self._delivered
         return [
             {
                 "stage": position,
                 "name": type(module).__name__,
                 "variables": {path: _to_json(value) for path, value in values.items()},
             }
-            for (position, module), values in zip(self._operators, self._delivered, strict=True)
+            for (position, module), values in zip(self._operators, delivered, strict=True)
         ]
 
     def parse(self, saved: Any) -> Snapshot | None:
