@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from resumax import (
     cli,
     tfds_source,
 )
+from resumax.sources.tfds import TFDSDecode
 from resumax.tfexample import Example
 from tests.conftest import assert_batches_equal, take
 
@@ -186,3 +188,23 @@ def test_inspect_prints_the_features_of_a_tfds_directory_and_of_example_files(
     assert summary["records"] == 10
     assert summary["features"]["position"] == {"dtype": "float32", "length": 2}
     assert summary["features"]["image"] == {"dtype": "bytes", "length": 1}
+
+
+def test_rgb_jpeg_images_and_bool_tensors_decode_to_their_declared_types():
+    smooth = np.broadcast_to(np.arange(0, 240, 30, dtype=np.uint8)[:, None, None], (8, 6, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(smooth)).save(buffer, format="JPEG", quality=95)
+    example = Example()
+    example.features.feature["photo"].bytes_list.value.append(buffer.getvalue())
+    example.features.feature["flags"].int64_list.value.extend([1, 0])
+    decode = TFDSDecode(
+        {
+            "photo": {"image": {"shape": {"dimensions": ["-1", "-1", "3"]}, "dtype": "uint8",
+                                "encodingFormat": "jpeg"}},
+            "flags": {"tensor": {"shape": {"dimensions": ["2"]}, "dtype": "bool"}},
+        }
+    )  # fmt: skip
+    decoded = pickle.loads(pickle.dumps(decode))(example.SerializeToString())
+    assert decoded["photo"].shape == (8, 6, 3) and decoded["photo"].dtype == np.uint8
+    assert np.abs(decoded["photo"].astype(int) - smooth).max() <= 8
+    assert decoded["flags"].dtype == np.bool_ and decoded["flags"].tolist() == [True, False]

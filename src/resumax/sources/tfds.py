@@ -29,6 +29,7 @@ _TENSOR_DTYPES = {
     "bool": "int64",
     "float32": "float32",
     "string": "bytes",
+    "bytes": "bytes",
 }
 _IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _SHARD = re.compile(r"-(\d+)-of-(\d+)$")
@@ -93,11 +94,11 @@ class TFDSDecode:
 
     def _tensor_spec(self, name: str, tensor: dict[str, Any]) -> tuple[str, Any]:
         dtype, shape = tensor.get("dtype"), _dimensions(tensor.get("shape", {}))
-        if dtype not in _TENSOR_DTYPES or tensor.get("encoding", "none") != "none":
+        if dtype not in _TENSOR_DTYPES or str(tensor.get("encoding", "none")).lower() != "none":
             raise _unsupported(name, f"a Tensor of dtype {dtype} ({tensor.get('encoding')})")
         if None in shape[1:] or (shape[:1] == (None,) and len(shape) > 1):
             raise _unsupported(name, f"a Tensor of variable shape {shape}")
-        if dtype not in ("int64", "float32", "string"):
+        if _TENSOR_DTYPES[dtype] == "int64" and dtype != "int64":
             self.casts[name] = dtype
         return _TENSOR_DTYPES[dtype], None if shape[:1] == (None,) else shape
 
