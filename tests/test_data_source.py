@@ -210,3 +210,28 @@ def test_a_missing_data_file_is_also_a_file_not_found_error(tmp_path):
         ArrayRecordSourceModule(ArrayRecordSourceConfig(), tmp_path / "missing.array_record")
     assert isinstance(raised.value, DataSourceError)
     assert "missing.array_record" in str(raised.value)
+
+
+def test_orbax_checkpoint_and_process_slices_work_as_for_our_reader(tmp_path, grain_array_record):
+    import orbax.checkpoint as ocp
+
+    from resumax.checkpoint import CheckpointRestore, CheckpointSave
+
+    def pipeline(**options):
+        source = DataSourceModule(SHUFFLED, grain_array_record, decode=resumax.decode)
+        return Pipeline(source, **{"batch_size": 8} | options)
+
+    uninterrupted, _ = batches_of(grain_array_record, 5)
+    saved = pipeline()
+    first = take(saved, 2)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(2, args=ocp.args.Composite(data=CheckpointSave(saved)))
+    resumed = pipeline()
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.restore(2, args=ocp.args.Composite(data=CheckpointRestore(resumed)))
+    assert_batches_equal(first + take(resumed, 3), uninterrupted)
+
+    halves = [take(pipeline(batch_size=4, process_index=i, process_count=2), 2) for i in (0, 1)]
+    for step in range(2):
+        ids = np.concatenate([halves[0][step]["id"], halves[1][step]["id"]])
+        np.testing.assert_array_equal(ids, uninterrupted[step]["id"])
