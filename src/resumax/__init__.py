@@ -15,11 +15,13 @@ from resumax.errors import (
 )
 from resumax.pipeline import Pipeline
 from resumax.records import decode, encode, write_array_record, write_shards
+from resumax.sequences import Pad
 from resumax.sources import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
     DataSourceModule,
     MemorySource,
+    MixtureSource,
     RecordSource,
     tfds_source,
 )
@@ -41,6 +43,8 @@ __all__ = [
     "Map",
     "MapWithIndex",
     "MemorySource",
+    "MixtureSource",
+    "Pad",
     "Pipeline",
     "RandomMap",
     "RecordDecodeError",

@@ -1,10 +1,11 @@
-"""Record sources: ArrayRecord files, TFDS directories, any random-access data source and in-memory
-examples, sharing one order and state format."""
+"""Record sources: ArrayRecord files, TFDS directories, any random-access data source, in-memory
+examples and weighted mixtures of sources, sharing one order and state format."""
 
 from resumax.sources.array_record import ArrayRecordSourceModule, resolve_paths
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource
 from resumax.sources.data_source import DataSourceModule
 from resumax.sources.memory import MemorySource
+from resumax.sources.mixture import MixtureSource
 from resumax.sources.tfds import tfds_source
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "ArrayRecordSourceModule",
     "DataSourceModule",
     "MemorySource",
+    "MixtureSource",
     "RecordSource",
     "resolve_paths",
     "tfds_source",
