@@ -100,7 +100,7 @@ class OperatorStates:
             return
         for (_, module), values in zip(self._operators, self._delivered, strict=True):
             current, treedef = _leaves(module)
-            leaves = [values[path] for path in current]
+            leaves = [_copy(values[path]) for path in current]
             state = nnx.state(module)
             nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, leaves))
             nnx.update(module, state)
