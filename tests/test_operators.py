@@ -121,3 +121,23 @@ def test_a_state_without_the_operator_or_of_another_operator_is_refused(shards):
     state["operators"][0]["variables"]["['seen']"]["dtype"] = "<f8"
     with pytest.raises(StateMismatchError, match="seen"):
         jittered(shards, 1, state=state)
+
+
+class RunningSum(nnx.Module):
+    """Keeps a numpy running sum updated in place and adds it to each batch."""
+
+    def __init__(self):
+        self.total = nnx.BatchStat(np.zeros(3, np.float64))
+
+    def __call__(self, batch):
+        total = self.total.get_value()
+        total += batch["feature"].sum(0)  # in place: snapshots must be copies
+        return {**batch, "total": np.broadcast_to(total, batch["feature"].shape).copy()}
+
+
+def test_an_operator_updating_numpy_variables_in_place_resumes_exactly(shards):
+    reference, _ = jittered(shards, 8, operator=RunningSum(), prefetch=2)
+    first, state = jittered(shards, 3, operator=RunningSum(), prefetch=2)
+    assert state["operators"][0]["variables"]["['total']"]["data"] == first[-1]["total"][0].tolist()
+    rest, _ = jittered(shards, 5, state=json.loads(json.dumps(state)), operator=RunningSum())
+    assert_batches_equal(first + rest, reference)
