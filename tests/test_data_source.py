@@ -203,6 +203,8 @@ def test_a_pipeline_context_closes_its_workers_and_source(shards):
             os.kill(pid, 0)
     with pytest.raises(DataSourceError, match="closed"):
         p.source[0]
+    with pytest.raises(DataSourceError, match="closed"):
+        iter(p)
 
 
 def test_a_missing_data_file_is_also_a_file_not_found_error(tmp_path):

@@ -175,6 +175,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
     def __iter__(self) -> PipelineIterator:
         """Batches from the current position: spans -> chunks -> batches -> prefetch -> caller."""
         self._active.close()
+        self.source.check_open()  # workers read through their own copies: check here
         self.operator_states.rewind()
         records_per_epoch = self.source.records_per_epoch
         epoch, index = self.source.position
