@@ -130,7 +130,7 @@ def decode_image(name: str, data: bytes, shape: tuple[int | None, ...]) -> np.nd
 
 def dataset_directory(directory: str | os.PathLike) -> str:
     """The directory holding dataset_info.json: `directory` itself or its one version folder."""
-    directory = os.fspath(directory)
+    directory = os.path.expanduser(os.fspath(directory))
     if os.path.exists(os.path.join(directory, DATASET_INFO)):
         return directory
     versions = sorted(glob.glob(os.path.join(glob.escape(directory), "*", DATASET_INFO)))
