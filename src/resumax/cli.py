@@ -1,6 +1,7 @@
-"""The `resumax` command: `inspect` prints what a set of ArrayRecord files holds, `convert` writes
-an .npz file's rows as ArrayRecord shards, `profile` shows where a pipeline's time goes, and
-`train` runs the reference training loop from a YAML config with `key=value` overrides."""
+"""The `resumax` command: `inspect` prints what a set of ArrayRecord files (resumax or
+tf.train.Example records) or a TFDS dataset directory holds, `convert` writes an .npz file's rows
+as ArrayRecord shards, `profile` shows where a pipeline's time goes, and `train` runs the
+reference training loop from a YAML config with `key=value` overrides."""
 
 from __future__ import annotations
 
@@ -10,28 +11,13 @@ import sys
 
 import numpy as np
 
-from resumax import records, shard_index
+from resumax import records, shard_index, summary
 from resumax.errors import ConfigError, DataSourceError, ResumaxError
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    source = ArrayRecordSourceModule(ArrayRecordSourceConfig(), args.paths)
-    first = source[0]
-    fields = {
-        key: {
-            "dtype": str(getattr(value, "dtype", type(value).__name__)),
-            "shape": list(getattr(value, "shape", ())),
-        }
-        for key, value in first.items()
-    }
-    summary = {
-        "files": len(source.paths),
-        "records": len(source),
-        "fingerprint": source.fingerprint,
-        "fields": fields,
-    }
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary.describe(args.paths), indent=2))
     return 0
 
 
@@ -98,7 +84,9 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resumax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="summarise ArrayRecord files (paths or globs)")
+    inspect = commands.add_parser(
+        "inspect", help="summarise ArrayRecord files (paths or globs) or a TFDS dataset directory"
+    )
     inspect.add_argument("paths", nargs="+")
     inspect.set_defaults(run=_inspect)
     convert = commands.add_parser(

@@ -15,7 +15,7 @@ from resumax.batching import Chunk, stack_if_uniform
 from resumax.errors import DataSourceError, StageError
 from resumax.records import decode
 from resumax.sources.base import RecordSource
-from resumax.stages import Filter, Map, RandomMap, RecordRng, Stage
+from resumax.stages import Filter, Map, MapWithIndex, RandomMap, RecordRng, Stage
 
 
 class RecordPath:
@@ -99,6 +99,10 @@ class RecordPath:
                     fn = stage.fn
                     for done, example in enumerate(examples):
                         examples[done] = fn(example)
+                elif isinstance(stage, MapWithIndex):
+                    fn = stage.fn
+                    for done, record_id in enumerate(record_indices.tolist()):
+                        examples[done] = fn(record_id, examples[done])
                 elif isinstance(stage, RandomMap):
                     fn, rng = stage.fn, self._rngs[stage_position]
                     for done, record_id in enumerate(record_indices.tolist()):

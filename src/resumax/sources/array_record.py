@@ -23,7 +23,13 @@ import numpy as np
 from flax import nnx
 
 from resumax import records, shard_index
-from resumax.errors import ConfigError, DataSourceError, RecordDecodeError, StateMismatchError
+from resumax.errors import (
+    ConfigError,
+    DataFileNotFoundError,
+    DataSourceError,
+    RecordDecodeError,
+    StateMismatchError,
+)
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource
 from resumax.sources.readers import (
     ArrayRecordFiles,
@@ -55,7 +61,7 @@ def _expand(pattern: str) -> list[str]:
     else:
         matches = sorted(path for path in glob.glob(pattern) if not shard_index.is_index_file(path))
     if not matches:
-        raise DataSourceError(f"the glob {pattern!r} matches no file")
+        raise DataFileNotFoundError(f"the glob {pattern!r} matches no file")
     shard_index.check_complete_sets(matches, pattern)
     return matches
 
@@ -233,6 +239,7 @@ class ArrayRecordSourceModule(RecordSource):
 
     def read_raw(self, record_indices: Sequence[int]) -> list[bytes]:
         """Undecoded bytes of the records at the given dataset indices, in that order."""
+        self.check_open()
         record_indices = np.asarray(record_indices, dtype=np.int64)
         try:
             return self._files.read(record_indices)
@@ -301,3 +308,4 @@ class ArrayRecordSourceModule(RecordSource):
     def close(self) -> None:
         """Closes the open file readers; a later read opens them again."""
         self._files.close()
+        super().close()

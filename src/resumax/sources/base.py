@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from resumax import order
-from resumax.errors import ConfigError, StateMismatchError
+from resumax.errors import ConfigError, DataSourceError, StateMismatchError
 
 STATE_VERSION = 1
 # Positions whose order is computed together: large enough to amortise numpy call overhead,
@@ -121,6 +121,7 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         self.current_epoch = DataPosition(0)
         self.current_index = DataPosition(0)
         self._order_cache = _OrderBlockCache()
+        self._closed = False
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """Decoded records at the given dataset indices, in that order."""
@@ -148,6 +149,26 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
 
     def __len__(self) -> int:
         return self.records_per_epoch
+
+    # Lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Releases what the source holds open; reading afterwards raises DataSourceError."""
+        self._closed = True
+
+    def check_open(self) -> None:
+        """Raises DataSourceError if `close()` was called (subclasses call it before reading)."""
+        if self._closed:
+            raise DataSourceError(
+                f"this {type(self).__name__} is closed (by close() or the end of a `with` block); "
+                "open a new source to read again"
+            )
+
+    def __enter__(self) -> RecordSource:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def __getitem__(self, index: int) -> Any:
         if not -self.records_per_epoch <= index < self.records_per_epoch:

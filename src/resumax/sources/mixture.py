@@ -221,6 +221,7 @@ class MixtureSource(RecordSource):
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """Decoded records for ids from `record_indices`, each read by its component."""
+        self.check_open()
         ids = np.asarray(record_indices, dtype=np.int64)
         components, per_component = ids % len(self.names), ids // len(self.names)
         records: list[Any] = [None] * len(ids)
@@ -237,6 +238,12 @@ class MixtureSource(RecordSource):
         if position < 0:
             raise IndexError(f"mixture positions are >= 0, got {position}")
         return self.read_records(self.record_indices(0, position, position + 1))[0]
+
+    def close(self) -> None:
+        """Closes every component source; reading afterwards raises DataSourceError."""
+        for source in self.components.values():
+            source.close()
+        super().close()
 
     def seek(self, epoch: int, index: int) -> None:
         """Moves to (block, index) and each component to the next record it will serve."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_module
 
-from resumax.errors import DataSourceError
+from resumax.errors import DataFileNotFoundError, DataSourceError
 
 # The default pool is this fraction of the process's open-file limit (128 under `ulimit -n 1024`,
 # leaving room for everything else the process opens), within these bounds.
@@ -70,7 +70,7 @@ def stat_data_file(path: str) -> os.stat_result:
     try:
         stat = os.stat(path)
     except FileNotFoundError:
-        raise DataSourceError(f"data file {path!r} does not exist") from None
+        raise DataFileNotFoundError(f"data file {path!r} does not exist") from None
     except OSError as error:
         raise os_refusal(path, error) from error
     if stat_module.S_ISDIR(stat.st_mode):
@@ -97,7 +97,7 @@ def open_reader(
     try:
         found = file_identity(os.stat(path))
     except FileNotFoundError:
-        raise DataSourceError(f"data file {path!r} does not exist (any more)") from None
+        raise DataFileNotFoundError(f"data file {path!r} does not exist (any more)") from None
     except OSError as error:
         raise os_refusal(path, error, max_open_files) from error
     if identity is not None and found != identity:
