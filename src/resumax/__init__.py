@@ -12,6 +12,7 @@ from resumax.errors import (
     StateMismatchError,
     WorkerError,
 )
+from resumax.packing import PackSequences
 from resumax.pipeline import Pipeline
 from resumax.records import decode, encode, write_array_record, write_shards
 from resumax.sources import (
@@ -34,6 +35,7 @@ __all__ = [
     "Filter",
     "Map",
     "MemorySource",
+    "PackSequences",
     "Pipeline",
     "RandomMap",
     "RecordDecodeError",

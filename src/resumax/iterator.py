@@ -20,11 +20,13 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class Delivery:
-    """A finished batch (None: a finite run ended) and the position right after it."""
+    """A finished batch (None: a finite run ended) and the position right after it (with
+    PackSequences: the window start and the rows already delivered from that window)."""
 
     batch: Any
     epoch: int
     index: int
+    packed_rows: int = 0
 
 
 class PipelineIterator:
@@ -60,6 +62,7 @@ class PipelineIterator:
             raise
         pipeline = self._pipeline
         pipeline.source.seek(delivery.epoch, delivery.index)
+        pipeline.packed_rows.set_value(delivery.packed_rows)
         if delivery.batch is None:
             self.close()
             raise StopIteration
