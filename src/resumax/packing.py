@@ -58,7 +58,9 @@ class PackSequences:
         if len(set(fields)) != len(fields):
             raise ConfigError(f"PackSequences fields repeat a name: {list(fields)}")
         if self.long not in LONG_CHOICES:
-            raise ConfigError(f"PackSequences long must be one of {LONG_CHOICES}, got {self.long!r}")
+            raise ConfigError(
+                f"PackSequences long must be one of {LONG_CHOICES}, got {self.long!r}"
+            )
         object.__setattr__(self, "fields", fields)
 
     @property
