@@ -157,9 +157,15 @@ class PackSequences:
             "rows_delivered": rows_delivered,
         }
 
-    def check_state(self, state: Any, position: int, end: int | None) -> int:
+    def check_state(
+        self, state: Any, position: int, end: int | None, source_changed: bool = False
+    ) -> int:
         """Validates a saved packing state against this packer and the source's global position;
-        returns the rows already delivered from the window at that position."""
+        returns the rows already delivered from the window at that position.
+
+        `source_changed`: the source restored into another state than the saved one (e.g. a
+        mixture with new weights); allowed only at a window boundary (no rows delivered yet).
+        """
         if not isinstance(state, dict):
             raise StateMismatchError(
                 "pipeline state has no 'packing' entry (it was saved without PackSequences); "
@@ -181,6 +187,14 @@ class PackSequences:
         rows = state.get("rows_delivered")
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
             raise StateMismatchError(f"pipeline state field 'packing.rows_delivered' is {rows!r}")
+        if rows and source_changed:
+            raise StateMismatchError(
+                f"pipeline state was saved after {rows} rows of packing window "
+                f"{position // self.window}, but the source restored into another state (e.g. a "
+                "mixture with new weights), which would re-pack that window from other records "
+                "and repeat or skip some; resume with the saved source settings, or from a state "
+                "saved at a window boundary (packing.rows_delivered == 0)"
+            )
         return rows
 
 

@@ -343,15 +343,24 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         before = self.source.get_state()
         self.source.set_state(state["source"])
         if self._packing is not None:
-            num_epochs = self.source.config.num_epochs
-            end = None if num_epochs == -1 else num_epochs * self.source.records_per_epoch
             try:
-                rows = self._packing.check_state(state.get("packing"), self._global_position(), end)
+                self._set_packing_state(state)
             except StateMismatchError:
                 self.source.set_state(before)
                 raise
-            self.packed_rows.set_value(rows)
         self.batches_emitted.set_value(batches)
+
+    def _set_packing_state(self, state: dict[str, Any]) -> None:
+        """Checks the saved packing against this pipeline and sets the rows delivered."""
+        num_epochs = self.source.config.num_epochs
+        end = None if num_epochs == -1 else num_epochs * self.source.records_per_epoch
+        # A source that restores into another state (a mixture with new weights) would
+        # re-pack the current window from other records than the ones already delivered.
+        source_changed = self.source.get_state() != state["source"]
+        rows = self._packing.check_state(
+            state.get("packing"), self._global_position(), end, source_changed
+        )
+        self.packed_rows.set_value(rows)
 
     def _check_filter_shard(self, state: dict[str, Any]) -> None:
         """A Filter pipeline resumes only on the process layout it was saved with.
