@@ -15,10 +15,12 @@ from resumax.errors import (
 from resumax.packing import PackSequences
 from resumax.pipeline import Pipeline
 from resumax.records import decode, encode, write_array_record, write_shards
+from resumax.sequences import Pad
 from resumax.sources import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
     MemorySource,
+    MixtureSource,
     RecordSource,
 )
 from resumax.stages import BatchMap, Filter, Map, RandomMap
@@ -35,7 +37,9 @@ __all__ = [
     "Filter",
     "Map",
     "MemorySource",
+    "MixtureSource",
     "PackSequences",
+    "Pad",
     "Pipeline",
     "RandomMap",
     "RecordDecodeError",

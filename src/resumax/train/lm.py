@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resumax.errors import ConfigError, DataSourceError
+from resumax.errors import DataSourceError
 from resumax.packing import PackSequences
 from resumax.pipeline import Pipeline
-from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, RecordSource
+from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, MixtureSource
 from resumax.train.config import Config, ModelConfig
 from resumax.train.text_data import prepare_stdlib_text
 
@@ -122,12 +122,12 @@ class LanguageModelTask:
                 f"data.dir/{name}-*.array_record (data.prepare=stdlib_text writes prose and code)"
             ) from error
 
-    def build_source(self) -> RecordSource:
-        """The corpora of data.weights, mixed by weight."""
-        weights = self.config.data.weights
-        if len(weights) != 1:
-            raise ConfigError(f"data.weights must name one corpus for now, got {dict(weights)}")
-        return self._corpus(next(iter(weights)))
+    def build_source(self) -> MixtureSource:
+        """The corpora of data.weights, mixed by weight (seeded by data.seed), forever."""
+        data = self.config.data
+        corpora = {name: self._corpus(name) for name in data.weights}
+        config = ArrayRecordSourceConfig(seed=data.seed, shuffle_files=data.shuffle_files)
+        return MixtureSource(config, corpora, dict(data.weights))
 
     def build_pipeline(self, sharding: jax.sharding.Sharding | None) -> Pipeline:
         """Packed rows of `data.sequence_length` tokens, `data.batch_size` rows per process."""
