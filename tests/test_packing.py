@@ -234,3 +234,39 @@ def test_state_saved_with_other_packing_settings_is_refused(token_shards):
         unpacked.set_state(state)
     with pytest.raises(StateMismatchError, match="no 'packing' entry"):
         packed(token_shards).set_state(unpacked.get_state() | {"source": state["source"]})
+
+
+def mixture_pipeline(weights, **kwargs):
+    records = token_records()
+    corpus = ArrayRecordSourceConfig(seed=1, shuffle_files=True)
+    sources = {
+        "even": resumax.MemorySource(corpus, records[0::2], name="even"),
+        "odd": resumax.MemorySource(corpus, records[1::2], name="odd"),
+    }
+    mixture = resumax.MixtureSource(ArrayRecordSourceConfig(seed=2), sources, weights)
+    return Pipeline(
+        mixture, [PackSequences(LENGTH, ["tokens"], window=10)], batch_size=4, rngs=5, **kwargs
+    )
+
+
+def test_packed_mixture_resumes_exactly_with_workers():
+    reference = take(mixture_pipeline({"even": 1, "odd": 3}, prefetch=0), 25)
+    first = mixture_pipeline({"even": 1, "odd": 3})
+    take(first, 9)
+    resumed = mixture_pipeline({"even": 1, "odd": 3}, num_workers=2)
+    resumed.set_state(json.loads(json.dumps(first.get_state())))
+    assert_batches_equal(take(resumed, 16), reference[9:])
+
+
+def test_reweighted_mixture_resumes_only_at_a_window_boundary():
+    first = mixture_pipeline({"even": 1, "odd": 1}, prefetch=0)
+    take(first, 1)
+    state = first.get_state()
+    assert state["packing"]["rows_delivered"] > 0
+    with pytest.raises(StateMismatchError, match="re-pack that window from other records"):
+        mixture_pipeline({"even": 1, "odd": 3}).set_state(state)
+    while first.get_state()["packing"]["rows_delivered"]:
+        take(first, 1)
+    at_boundary = mixture_pipeline({"even": 1, "odd": 3})
+    at_boundary.set_state(first.get_state())
+    assert len(take(at_boundary, 3)) == 3
