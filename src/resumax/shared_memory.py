@@ -3,8 +3,9 @@ through reusable POSIX shared memory slots (/dev/shm) instead of the pipe.
 
 A worker owns `slots` segments and writes its k-th result to slot k mod slots. The parent copies a
 result out as soon as it receives it and never has more than `slots` tasks of one worker in
-flight, so a slot is never overwritten before it is read. A segment's name exists only until the
-parent has mapped it; `sweep` removes the names a crash leaves behind.
+flight, so a slot is never overwritten before it is read. A task may build its arrays in the slot
+itself (`SlotWriter.allocator`): those are not copied again. A segment's name exists only until
+the parent has mapped it; `sweep` removes the names a crash leaves behind.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import glob
 import mmap
 import os
 import pickle
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 SHM_DIR = "/dev/shm"
 # Results whose arrays hold fewer bytes go through the pipe: a slot costs a few syscalls to set up.
@@ -35,6 +39,11 @@ def _round_up(size: int, granule: int) -> int:
     return -(-size // granule) * granule
 
 
+def _address(buffer: Any) -> int:
+    """The memory address of the first byte of a (contiguous, non-empty) buffer."""
+    return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+
+
 class SlotWriter:
     """A worker's side: turns results into small messages, the array bytes written to a slot."""
 
@@ -42,16 +51,41 @@ class SlotWriter:
         self._prefix = prefix
         self._segments: list[mmap.mmap | None] = [None] * slots
         self._created = 0
+        # Per slot: bytes at its start handed out by `allocator` for the task being computed.
+        self._allocated = [0] * slots
+
+    def allocator(self, slot: int) -> Callable[[int], np.ndarray]:
+        """`allocate(nbytes)`: a new uint8 array, in slot `slot` while it has room, else in
+        private memory. Arrays of a result that lie in its slot are sent without another copy.
+
+        Call it before computing the result that `pack(result, slot)` then sends; the memory is
+        reused by the result after next in this slot, so the task must not keep the arrays.
+        """
+        self._allocated[slot] = 0
+        segment = self._segments[slot]
+        memory = np.frombuffer(segment, dtype=np.uint8) if segment is not None else None
+
+        def allocate(nbytes: int) -> np.ndarray:
+            start = self._allocated[slot]
+            if memory is None or nbytes == 0 or start + nbytes > len(memory):
+                return np.empty(nbytes, dtype=np.uint8)
+            self._allocated[slot] = start + _round_up(nbytes, _ALIGNMENT)
+            return memory[start : start + nbytes]
+
+        return allocate
 
     def pack(self, result: Any, slot: int) -> tuple:
         """A message carrying `result`; its arrays go to shared memory slot `slot` if large."""
         buffers: list[pickle.PickleBuffer] = []
         header = pickle.dumps(result, protocol=5, buffer_callback=buffers.append)
         raws = [buffer.raw() for buffer in buffers]
-        spans, size = [], 0
-        for raw in raws:
-            spans.append((size, raw.nbytes))
-            size += _round_up(raw.nbytes, _ALIGNMENT)
+        allocated, self._allocated[slot] = self._allocated[slot], 0
+        in_slot = self._offsets_in_slot(raws, slot, allocated)
+        spans, size = [], allocated
+        for raw, offset in zip(raws, in_slot, strict=True):
+            if offset is None:
+                offset, size = size, size + _round_up(raw.nbytes, _ALIGNMENT)
+            spans.append((offset, raw.nbytes))
         if size >= INLINE_LIMIT and os.path.isdir(SHM_DIR):
             try:
                 new_path = self._reserve(slot, size)
@@ -59,10 +93,26 @@ class SlotWriter:
                 pass
             else:
                 segment = self._segments[slot]
-                for (offset, length), raw in zip(spans, raws, strict=True):
-                    segment[offset : offset + length] = raw
+                for (offset, length), raw, place in zip(spans, raws, in_slot, strict=True):
+                    if place is None or new_path is not None:
+                        segment[offset : offset + length] = raw
                 return ("segment", header, slot, new_path, len(segment), spans)
         return ("inline", header, [bytes(raw) for raw in raws])
+
+    def _offsets_in_slot(
+        self, raws: list[memoryview], slot: int, allocated: int
+    ) -> list[int | None]:
+        """Per buffer, its offset if `allocator` placed it in slot `slot`, else None."""
+        segment = self._segments[slot]
+        if not allocated or segment is None:
+            return [None] * len(raws)
+        base = _address(segment)
+        offsets: list[int | None] = []
+        for raw in raws:
+            offset = _address(raw) - base if raw.nbytes else -1
+            inside = offset >= 0 and offset + raw.nbytes <= allocated
+            offsets.append(offset if inside else None)
+        return offsets
 
     def _reserve(self, slot: int, size: int) -> str | None:
         """Makes slot `slot` hold `size` bytes; returns the path of a new segment, or None."""

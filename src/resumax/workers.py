@@ -86,6 +86,8 @@ def _worker_main(
             task_fn, startup_error = make_task_fn(), None
         except Exception as error:
             task_fn, startup_error = None, _error_message(error)
+        # A task function with `use_allocator` builds its arrays in the result's slot.
+        use_allocator = getattr(task_fn, "use_allocator", None)
         for count in itertools.count():
             try:
                 task = connection.recv()
@@ -97,6 +99,8 @@ def _worker_main(
                 message = startup_error
             else:
                 try:
+                    if use_allocator is not None:
+                        use_allocator(writer.allocator(count % slots))
                     message = writer.pack(task_fn(task), count % slots)
                 except Exception as error:
                     message = _error_message(error)
