@@ -54,6 +54,12 @@ def explode(example):
     return example
 
 
+def explode_late(example):
+    if example["id"] == 70:
+        raise ValueError("bad pixel")
+    return example
+
+
 ENLARGE = (RandomMap(enlarge),)
 
 
@@ -190,6 +196,21 @@ def test_stage_error_in_a_worker_names_stage_and_record_and_stops_the_workers(sh
     assert pipeline.get_state()["batches_emitted"] == 1
     assert wait_until_stopped(workers) == []
     assert shared_memory_of(os.getpid()) == []
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_batches_before_a_failing_record_arrive_although_workers_take_spans_in_groups(
+    shards, num_workers
+):
+    # Record 70 is in batch 8; workers get several spans per message once results flow.
+    pipeline = build(shards, stages=[explode_late], shuffle=False, num_workers=num_workers)
+    batches = iter(pipeline)
+    delivered = []
+    with pytest.raises(StageError, match=r"failed on record 70.*bad pixel"):
+        for batch in batches:
+            delivered.append(batch)
+    assert [int(batch["id"][0]) for batch in delivered] == list(range(0, 64, BATCH))
+    assert pipeline.get_state()["batches_emitted"] == 8
 
 
 def test_closing_the_iterator_stops_the_workers_and_frees_shared_memory(shards):

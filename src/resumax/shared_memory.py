@@ -135,6 +135,13 @@ class SlotWriter:
         return path
 
 
+def payload_bytes(message: tuple) -> int:
+    """Bytes of the arrays a `SlotWriter.pack` message carries."""
+    if message[0] == "inline":
+        return sum(len(raw) for raw in message[2])
+    return sum(length for _, length in message[5])
+
+
 class SlotReader:
     """The parent's side for one worker: maps its slots and copies each result out of them."""
 

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from resumax.errors import ConfigError, ResumaxError, WorkerError
-from resumax.shared_memory import SlotReader, SlotWriter, sweep
+from resumax.shared_memory import SlotReader, SlotWriter, payload_bytes, sweep
 
 # "forkserver": workers are forked from a small server process started fresh (not from this
 # process, whose JAX runtime may already run threads, which fork does not copy safely), and the
@@ -31,7 +31,8 @@ SEGMENT_PREFIX = "resumax"
 # Seconds a worker gets to finish its current task and exit after a stop request, then after
 # SIGTERM, before it is killed.
 _STOP_GRACE, _TERMINATE_GRACE = 1.0, 5.0
-_NO_TASK = object()
+# A group of tasks is sized to return about this many bytes (see `WorkerPool.map`).
+GROUP_BYTES = 4 << 20
 
 
 def require_picklable(value: Any, description: str) -> None:
@@ -69,13 +70,41 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def _run_group(
+    task_fn: Callable[[Any], Any],
+    use_allocator: Callable[[Any], None] | None,
+    tasks: list[Any],
+    writer: SlotWriter,
+    slot: int,
+) -> tuple:
+    """The message answering a group of tasks: their results, up to the first that failed and
+    its error (the results before it are still delivered first), or that error alone."""
+    results, failure = [], None
+    allocate = writer.allocator(slot) if use_allocator is not None else None
+    try:
+        for task in tasks:
+            if use_allocator is not None:
+                use_allocator(allocate)
+            results.append(task_fn(task))
+        return writer.pack((results, None), slot)
+    except Exception as error:
+        failure = _error_message(error)
+    if not results:
+        return failure
+    try:
+        return writer.pack((results, failure), slot)
+    except Exception as error:
+        return _error_message(error)
+
+
 def _worker_main(
     connection: Connection,
     make_task_fn: Callable[[], Callable[[Any], Any]],
     prefix: str,
     slots: int,
 ) -> None:
-    """Answers tasks in the order received until told to stop or the parent goes away."""
+    """Answers groups of tasks in the order received until told to stop or the parent goes
+    away."""
     # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM unwinds through `finally`, which removes this worker's unread segments.
@@ -90,20 +119,14 @@ def _worker_main(
         use_allocator = getattr(task_fn, "use_allocator", None)
         for count in itertools.count():
             try:
-                task = connection.recv()
+                group = connection.recv()
             except (EOFError, OSError):
                 return
-            if task is None:
+            if group is None:
                 return
-            if startup_error is not None:
-                message = startup_error
-            else:
-                try:
-                    if use_allocator is not None:
-                        use_allocator(writer.allocator(count % slots))
-                    message = writer.pack(task_fn(task), count % slots)
-                except Exception as error:
-                    message = _error_message(error)
+            message = startup_error or _run_group(
+                task_fn, use_allocator, group, writer, count % slots
+            )
             try:
                 connection.send(message)
             except OSError:
@@ -119,10 +142,11 @@ def _worker_main(
 class WorkerPool:
     """`num_workers` processes, each running `make_task_fn()` once, then its result per task.
 
-    `map(tasks)` sends task k to worker k mod num_workers and yields results in task order, so
-    the output never depends on which worker is faster. At most `tasks_per_worker` tasks per
-    worker are in flight, which bounds memory. Exceptions raised by the task function are
-    re-raised in the caller with the worker's traceback as a note.
+    `map(tasks)` sends tasks to the workers in turn, in groups of consecutive tasks, and yields
+    results in task order, so the output never depends on which worker is faster or how tasks
+    were grouped. At most `tasks_per_worker` groups per worker are in flight, which bounds
+    memory. Exceptions raised by the task function are re-raised in the caller, after the
+    results of the tasks before it, with the worker's traceback as a note.
     """
 
     def __init__(
@@ -161,25 +185,38 @@ class WorkerPool:
         """Process ids of the workers (for monitoring and tests)."""
         return tuple(process.pid for process in self._processes if process.pid is not None)
 
-    def map(self, tasks: Iterable[Any]) -> Iterator[Any]:
-        """Results of the task function for `tasks`, in task order."""
+    def map(
+        self, tasks: Iterable[Any], max_group: int = 1, group_bytes: int = GROUP_BYTES
+    ) -> Iterator[Any]:
+        """Results of the task function for `tasks`, in task order.
+
+        Each message to a worker carries a group of up to `max_group` consecutive tasks: fewer
+        messages and process wake-ups per task (about 0.1 ms of CPU each, on both sides). The
+        first groups hold one task (a quick first result); later ones as many as keep a group's
+        results near `group_bytes`, judged from the results received so far.
+        """
         tasks = iter(tasks)
         in_flight: deque[int] = deque()
         next_worker = 0
         capacity = len(self._connections) * self._tasks_per_worker
-        exhausted = False
+        group_size, exhausted = 1, False
         while True:
             while not exhausted and len(in_flight) < capacity:
-                task = next(tasks, _NO_TASK)
-                if task is _NO_TASK:
-                    exhausted = True
+                group = list(itertools.islice(tasks, group_size))
+                exhausted = len(group) < group_size
+                if not group:
                     break
-                self._send(next_worker, task)
+                self._send(next_worker, group)
                 in_flight.append(next_worker)
                 next_worker = (next_worker + 1) % len(self._connections)
             if not in_flight:
                 return
-            yield self._receive(in_flight.popleft())
+            results, failure, nbytes = self._receive(in_flight.popleft())
+            bytes_per_task = max(1, nbytes // max(1, len(results)))
+            group_size = max(1, min(max_group, group_bytes // bytes_per_task))
+            yield from results
+            if failure is not None:
+                raise failure
 
     def _send(self, worker_index: int, task: Any) -> None:
         try:
@@ -187,16 +224,24 @@ class WorkerPool:
         except OSError as error:
             raise self._died(worker_index) from error
 
-    def _receive(self, worker_index: int) -> Any:
+    def _receive(self, worker_index: int) -> tuple[list[Any], BaseException | None, int]:
+        """(results of a group, the error that ended it or None, bytes of its arrays)."""
         try:
             message = self._connections[worker_index].recv()
-            if message[0] != "error":
-                return self._readers[worker_index].unpack(message)
+            if message[0] == "error":
+                return [], self._remote_error(worker_index, message), 0
+            results, failure = self._readers[worker_index].unpack(message)
         except (EOFError, OSError) as error:
             raise self._died(worker_index) from error
+        if failure is not None:
+            failure = self._remote_error(worker_index, failure)
+        return results, failure, payload_bytes(message)
+
+    @staticmethod
+    def _remote_error(worker_index: int, message: tuple) -> BaseException:
         _, error, remote = message
         error.add_note(f"raised in resumax worker process {worker_index}:\n{remote}")
-        raise error
+        return error
 
     def _died(self, worker_index: int) -> WorkerError:
         process = self._processes[worker_index]
