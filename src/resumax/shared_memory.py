@@ -1,20 +1,25 @@
 """Results from worker processes: pickled with their arrays out of band, the array bytes copied
 through reusable POSIX shared memory slots (/dev/shm) instead of the pipe.
 
-A worker owns `slots` segments and writes its k-th result to slot k mod slots. The parent copies a
-result out as soon as it receives it and never has more than `slots` tasks of one worker in
-flight, so a slot is never overwritten before it is read. A task may build its arrays in the slot
-itself (`SlotWriter.allocator`): those are not copied again. A segment's name exists only until
-the parent has mapped it; `sweep` removes the names a crash leaves behind.
+A worker owns `slots` segments and writes each result to the slot the parent names with the task.
+The parent names only slots that no pending result and no live array uses: it either copies a
+result out when it receives it, or hands its arrays out in place and leases the slot until they
+are garbage collected, so a slot is never overwritten while anything reads it. A task may build
+its arrays in the slot itself (`SlotWriter.allocator`): those are not copied again. A segment's
+name exists only until the parent has mapped it; `sweep` removes the names a crash leaves
+behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import mmap
 import os
 import pickle
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -143,17 +148,42 @@ def payload_bytes(message: tuple) -> int:
 
 
 class SlotReader:
-    """The parent's side for one worker: maps its slots and copies each result out of them."""
+    """The parent's side for one worker: maps its slots and turns messages into results.
 
-    def __init__(self, slots: int):
+    A result's arrays are handed out in place (no copy) while fewer than `lease_limit` slots are
+    held that way; the slot is then leased until every array using it has been garbage
+    collected (the caller may keep a batch as long as it likes). Past the limit, results are
+    copied out and their slot is free again at once. `pick_slot` names a slot the worker may
+    write its next result to.
+    """
+
+    def __init__(self, slots: int, lease_limit: int = 0):
         self._segments: list[mmap.mmap | None] = [None] * slots
+        self._lease_limit = lease_limit
+        # Per slot: live buffers handed out in place (0: not leased).
+        self._leases = [0] * slots
+        self._busy = [False] * slots  # a result is being computed into it
+        self._lock = threading.RLock()  # buffers may be collected in any thread
 
-    def unpack(self, message: tuple) -> Any:
-        """The result a `SlotWriter.pack` message carries, in memory of this process."""
+    def pick_slot(self) -> int:
+        """A slot that is neither awaiting a result nor leased, now marked as awaiting one."""
+        for slot, (busy, leases) in enumerate(zip(self._busy, self._leases, strict=True)):
+            if not busy and not leases:
+                self._busy[slot] = True
+                return slot
+        raise RuntimeError("no free shared memory slot: more results in flight than slots")
+
+    def release(self, slot: int) -> None:
+        """Marks `slot` free after its message failed to arrive (the worker died)."""
+        self._busy[slot] = False
+
+    def unpack(self, message: tuple, slot: int) -> Any:
+        """The result a `SlotWriter.pack` message for `slot` carries, in memory of this process."""
+        self._busy[slot] = False
         if message[0] == "inline":
             _, header, raws = message
             return pickle.loads(header, buffers=raws)
-        _, header, slot, new_path, capacity, spans = message
+        _, header, _, new_path, capacity, spans = message
         if new_path is not None:
             fd = os.open(new_path, os.O_RDWR)
             try:
@@ -161,5 +191,17 @@ class SlotReader:
             finally:
                 os.close(fd)
             os.unlink(new_path)  # both sides have it mapped; the name is no longer needed
-        view = memoryview(self._segments[slot])
-        return pickle.loads(header, buffers=[bytearray(view[o : o + n]) for o, n in spans])
+        segment = self._segments[slot]
+        if sum(map(bool, self._leases)) >= self._lease_limit:
+            view = memoryview(segment)
+            return pickle.loads(header, buffers=[bytearray(view[o : o + n]) for o, n in spans])
+        buffers = [(ctypes.c_ubyte * n).from_buffer(segment, o) for o, n in spans]
+        self._leases[slot] = len(buffers)
+        for buffer in buffers:
+            weakref.finalize(buffer, self._return_buffer, slot)
+        return pickle.loads(header, buffers=buffers)
+
+    def _return_buffer(self, slot: int) -> None:
+        """Called when a buffer handed out in place is garbage collected (any thread)."""
+        with self._lock:
+            self._leases[slot] -= 1

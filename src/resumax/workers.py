@@ -33,6 +33,9 @@ SEGMENT_PREFIX = "resumax"
 _STOP_GRACE, _TERMINATE_GRACE = 1.0, 5.0
 # A group of tasks is sized to return about this many bytes (see `WorkerPool.map`).
 GROUP_BYTES = 4 << 20
+# Shared memory slots per worker whose results the parent hands out without a copy (leased until
+# their arrays are garbage collected), beyond the ones results are being computed into.
+LEASED_SLOTS = 4
 
 
 def require_picklable(value: Any, description: str) -> None:
@@ -117,16 +120,15 @@ def _worker_main(
             task_fn, startup_error = None, _error_message(error)
         # A task function with `use_allocator` builds its arrays in the result's slot.
         use_allocator = getattr(task_fn, "use_allocator", None)
-        for count in itertools.count():
+        while True:
             try:
                 group = connection.recv()
             except (EOFError, OSError):
                 return
             if group is None:
                 return
-            message = startup_error or _run_group(
-                task_fn, use_allocator, group, writer, count % slots
-            )
+            slot, tasks = group
+            message = startup_error or _run_group(task_fn, use_allocator, tasks, writer, slot)
             try:
                 connection.send(message)
             except OSError:
@@ -144,8 +146,9 @@ class WorkerPool:
 
     `map(tasks)` sends tasks to the workers in turn, in groups of consecutive tasks, and yields
     results in task order, so the output never depends on which worker is faster or how tasks
-    were grouped. At most `tasks_per_worker` groups per worker are in flight, which bounds
-    memory. Exceptions raised by the task function are re-raised in the caller, after the
+    were grouped. At most `tasks_per_worker` groups per worker are in flight, and results reach
+    the caller in place in at most LEASED_SLOTS more slots per worker (then they are copied),
+    which bounds memory. Exceptions raised by the task function are re-raised in the caller, after the
     results of the tasks before it, with the worker's traceback as a note.
     """
 
@@ -157,6 +160,7 @@ class WorkerPool:
         tasks_per_worker: int = 2,
     ):
         context = _context()
+        slots = tasks_per_worker + LEASED_SLOTS
         self._prefix = f"{SEGMENT_PREFIX}-{os.getpid()}-{secrets.token_hex(4)}"
         self._tasks_per_worker = tasks_per_worker
         self._connections: list[Connection] = []
@@ -167,14 +171,14 @@ class WorkerPool:
                 parent_end, child_end = context.Pipe(duplex=True)
                 process = context.Process(
                     target=_worker_main,
-                    args=(child_end, make_task_fn, f"{self._prefix}-w{index}", tasks_per_worker),
+                    args=(child_end, make_task_fn, f"{self._prefix}-w{index}", slots),
                     name=f"resumax-worker-{index}",
                     daemon=True,
                 )
                 process.start()
                 child_end.close()
                 self._connections.append(parent_end)
-                self._readers.append(SlotReader(tasks_per_worker))
+                self._readers.append(SlotReader(slots, LEASED_SLOTS))
                 self._processes.append(process)
         except BaseException:
             self.close()
@@ -206,12 +210,13 @@ class WorkerPool:
                 exhausted = len(group) < group_size
                 if not group:
                     break
-                self._send(next_worker, group)
-                in_flight.append(next_worker)
+                slot = self._readers[next_worker].pick_slot()
+                self._send(next_worker, (slot, group))
+                in_flight.append((next_worker, slot))
                 next_worker = (next_worker + 1) % len(self._connections)
             if not in_flight:
                 return
-            results, failure, nbytes = self._receive(in_flight.popleft())
+            results, failure, nbytes = self._receive(*in_flight.popleft())
             bytes_per_task = max(1, nbytes // max(1, len(results)))
             group_size = max(1, min(max_group, group_bytes // bytes_per_task))
             yield from results
@@ -224,13 +229,15 @@ class WorkerPool:
         except OSError as error:
             raise self._died(worker_index) from error
 
-    def _receive(self, worker_index: int) -> tuple[list[Any], BaseException | None, int]:
+    def _receive(self, worker_index: int, slot: int) -> tuple[list[Any], BaseException | None, int]:
         """(results of a group, the error that ended it or None, bytes of its arrays)."""
+        reader = self._readers[worker_index]
         try:
             message = self._connections[worker_index].recv()
             if message[0] == "error":
+                reader.release(slot)
                 return [], self._remote_error(worker_index, message), 0
-            results, failure = self._readers[worker_index].unpack(message)
+            results, failure = reader.unpack(message, slot)
         except (EOFError, OSError) as error:
             raise self._died(worker_index) from error
         if failure is not None:
