@@ -148,8 +148,8 @@ class WorkerPool:
     results in task order, so the output never depends on which worker is faster or how tasks
     were grouped. At most `tasks_per_worker` groups per worker are in flight, and results reach
     the caller in place in at most LEASED_SLOTS more slots per worker (then they are copied),
-    which bounds memory. Exceptions raised by the task function are re-raised in the caller, after the
-    results of the tasks before it, with the worker's traceback as a note.
+    which bounds memory. Exceptions raised by the task function are re-raised in the caller,
+    after the results of the tasks before it, with the worker's traceback as a note.
     """
 
     def __init__(
