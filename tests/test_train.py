@@ -46,7 +46,7 @@ OVERRIDES = [
     "data.batch_size=16",
     "optimizer.warmup_steps=10",
 ]
-VARYING_FIELDS = {"records_per_s", "resumed"}
+VARYING_FIELDS = {"records_per_s", "data_wait_s", "data_wait_fraction", "resumed"}
 
 
 @pytest.fixture(scope="module")

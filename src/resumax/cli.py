@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 
 from resumax import records
-from resumax.errors import DataSourceError, ResumaxError
+from resumax.errors import CheckpointError, DataSourceError, ResumaxError
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
 
@@ -50,11 +51,24 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Exit status 0: finished, or saved and stopped by SIGTERM; 130: saved and stopped by
+    Ctrl-C; 2: an error (ConfigError, CheckpointError, NonFiniteLossError, ...)."""
     from resumax.train.config import load_config
     from resumax.train.loop import train
+    from resumax.train.preemption import INTERRUPTED_EXIT_STATUS
 
-    train(load_config(args.config, args.overrides))
-    return 0
+    try:
+        result = train(load_config(args.config, args.overrides))
+    except (CheckpointError, KeyboardInterrupt) as error:
+        # A failed or aborted save can leave Orbax's threads waiting for a commit that never
+        # comes, which would block the interpreter's exit: report and end the process now.
+        aborted = isinstance(error, KeyboardInterrupt)
+        reason = "aborted (Ctrl-C)" if aborted else f"{type(error).__name__}: {error}"
+        print(f"resumax train: {reason}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_EXIT_STATUS if aborted else 2)
+    return INTERRUPTED_EXIT_STATUS if result.interrupted else 0
 
 
 def _positive_int(text: str) -> int:
@@ -78,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
     train = commands.add_parser(
         "train",
-        help="train from a YAML config; resumes the latest checkpoint; SIGTERM saves and exits",
+        help="train from a YAML config; resumes the latest checkpoint; SIGTERM or Ctrl-C saves "
+        "and exits (status 0 or 130; 2 on errors)",
     )
     train.add_argument("--config", required=True, help="YAML file, e.g. configs/digits.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_steps=500")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 from collections.abc import Sequence
 
 import optax
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resumax.errors import ConfigError
@@ -93,6 +94,9 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
+_SECTIONS = tuple(field.name for field in dataclasses.fields(Config))
+
+
 def _omegaconf_error(error: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(error, "full_key", None) or "<config>"
     reason = str(getattr(error, "msg", error)).splitlines()[0]
@@ -105,6 +109,10 @@ def _load_yaml(path: str | os.PathLike) -> object:
     try:
         return OmegaConf.load(path)
     except Exception as error:
+        # OmegaConf refuses a YAML document that is a scalar before we can look at it.
+        scalar = re.search(r"Invalid loaded object type: (\w+)", str(error))
+        if scalar:
+            raise _not_sections(f"config file {os.fspath(path)!r}", scalar[1]) from error
         raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {error}") from error
 
 
@@ -116,6 +124,34 @@ def _parse_overrides(overrides: Sequence[str]) -> object:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
         raise _omegaconf_error(error, "command-line overrides") from error
+
+
+def _check_sections(layer: object, origin: str) -> None:
+    """A layer must be a mapping of sections, each a mapping of keys (or empty): OmegaConf's own
+    errors for other shapes name neither the file nor the key."""
+    if not isinstance(layer, DictConfig):
+        kind = "list" if isinstance(layer, ListConfig) else type(layer).__name__
+        raise _not_sections(origin, kind)
+    for name, value in OmegaConf.to_container(layer, resolve=False).items():
+        if value is None or isinstance(value, dict) or name not in _SECTIONS:
+            continue
+        kind = "list" if isinstance(value, list) else type(value).__name__
+        raise ConfigError(
+            f"{name}: expected a mapping of {name}.* keys (e.g. '{_example_key(name)}'), "
+            f"got the YAML {kind} {value!r} (in {origin})"
+        )
+
+
+def _not_sections(origin: str, kind: str) -> ConfigError:
+    return ConfigError(
+        f"{origin}: its top level is a YAML {kind}; expected a mapping of the sections "
+        f"{list(_SECTIONS)}, e.g. 'train: {{num_steps: 100}}'"
+    )
+
+
+def _example_key(section: str) -> str:
+    first = dataclasses.fields(getattr(Config(), section))[0]
+    return f"{section}: {{{first.name}: ...}}"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -130,6 +166,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         layers.append((_load_yaml(path), f"config file {os.fspath(path)!r}"))
     layers.append((_parse_overrides(overrides), "command-line overrides"))
     for layer, origin in layers:
+        _check_sections(layer, origin)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as error:
