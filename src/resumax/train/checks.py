@@ -4,13 +4,12 @@ labels inside the model's classes before step 1, and a finite loss before anythi
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from resumax.errors import ConfigError, ResumaxError, StageError
@@ -49,7 +48,7 @@ def _cause(directory: str, error: OSError) -> str:
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
         return f"{ancestor!r} is a file, not a directory"
-    return f"{error.strerror or type(error).__name__} ({error.filename or ancestor!r})"
+    return error.strerror or type(error).__name__
 
 
 def check_output_dirs(config: Config) -> None:
@@ -99,44 +98,35 @@ def unwrap_config_error(error: StageError) -> ResumaxError:
     return error.__cause__ if isinstance(error.__cause__, ConfigError) else error
 
 
-@jax.jit
-def _track(first_bad: jax.Array, bad_loss: jax.Array, loss: jax.Array, step: jax.Array):
-    new = (first_bad < 0) & ~jnp.isfinite(loss)
-    return jnp.where(new, step, first_bad), jnp.where(new, loss, bad_loss)
-
-
 class FiniteLossGuard:
-    """Remembers, on the device, the first step whose loss was not finite.
+    """Keeps the loss of each step until the next check, to find the first non-finite one.
 
-    `observe` adds no host sync to a step; `check` (called where the loop syncs anyway: a logged
-    step, before every save) raises NonFiniteLossError, so a NaN state is never checkpointed.
+    `observe` only appends the (still computing) loss array, so a step gets no host sync and
+    no extra dispatch; `check` (called where the loop syncs anyway: a logged step, before every
+    save) reads them and raises NonFiniteLossError, so a NaN state is never checkpointed.
     """
 
-    def __init__(self, place: Callable[[Any], Any]) -> None:
-        # `place` puts the two scalars where the loss lives (replicated under jax.distributed).
-        self._first_bad, self._bad_loss = place(
-            (np.asarray(-1, np.int32), np.asarray(0.0, np.float32))
-        )
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, jax.Array]] = []
 
     def observe(self, step: int, loss: jax.Array) -> None:
         """Records the loss of `step` (1-based: the step just applied)."""
-        self._first_bad, self._bad_loss = _track(
-            self._first_bad, self._bad_loss, loss, np.int32(step)
-        )
+        self._pending.append((step, loss))
 
     def check(self, latest_saved: int | None) -> None:
-        """Raises NonFiniteLossError if any observed loss was NaN or infinite."""
-        first_bad = int(distributed.host_array(self._first_bad))
-        if first_bad < 0:
-            return
-        loss = float(distributed.host_array(self._bad_loss))
-        kept = (
-            f"the latest checkpoint stays step {latest_saved}"
-            if latest_saved is not None
-            else "nothing was saved"
-        )
-        raise NonFiniteLossError(
-            f"the training loss is {loss} at step {first_bad}: stopped without saving that state "
-            f"({kept}). Check that the labels fit model.num_classes and the inputs are finite, "
-            "or lower optimizer.learning_rate"
-        )
+        """Raises NonFiniteLossError if any loss observed since the last check is NaN or inf."""
+        pending, self._pending = self._pending, []
+        for step, loss in pending:
+            value = float(distributed.host_array(loss))
+            if math.isfinite(value):
+                continue
+            kept = (
+                f"the latest checkpoint stays step {latest_saved}"
+                if latest_saved is not None
+                else "nothing was saved"
+            )
+            raise NonFiniteLossError(
+                f"the training loss is {value} at step {step}: stopped without saving that state "
+                f"({kept}). Check that the labels fit model.num_classes and the inputs are "
+                "finite, or lower optimizer.learning_rate"
+            )

@@ -54,47 +54,71 @@ class _OrbaxLogFilter(logging.Filter):
         return True
 
 
+def _from_orbax(trace: Any) -> bool:
+    """Whether a traceback passes through Orbax, TensorStore's asyncio glue or asyncio."""
+    while trace is not None:
+        name = trace.tb_frame.f_code.co_filename
+        if any(part in name for part in ("orbax", "asyncio", "tensorstore")):
+            return True
+        trace = trace.tb_next
+    return False
+
+
 @contextlib.contextmanager
 def orbax_errors_contained() -> Iterator[None]:
-    """While active, Orbax's error logs and exceptions escaping its threads are held back.
+    """While active, Orbax's error logs and the exceptions its threads and callbacks print are
+    held back; anything else goes to the hooks installed before.
 
     A failed save makes Orbax's threads log one traceback each (30 for one full disk) and
-    asyncio callbacks raise "Event loop is closed"; the training loop reports the failure once,
-    as a CheckpointError. If the block ends without a CheckpointError (Orbax recovered), what was
-    held back is printed after all, so nothing is hidden from a run that goes on.
+    TensorStore's callbacks hit "Event loop is closed"; the training loop reports the failure
+    once, as a CheckpointError. After a CheckpointError the hooks stay installed, since Orbax's
+    threads go on failing until the process exits. If the block ends otherwise, what was held
+    back is printed after all, so nothing is hidden from a run that goes on.
     """
     log_filter = _OrbaxLogFilter()
     absl_logger = logging.getLogger("absl")
-    held_threads: list[str] = []
-    previous_thread_hook = threading.excepthook
-    previous_hook = sys.excepthook
+    held: list[str] = []
+    previous = (threading.excepthook, sys.excepthook, sys.unraisablehook)
 
     def thread_hook(args: Any) -> None:
-        if args.exc_type is SystemExit:
+        if not _from_orbax(args.exc_traceback):
+            previous[0](args)
             return
         name = args.thread.name if args.thread is not None else "?"
-        held_threads.append(f"thread {name}: {args.exc_type.__name__}: {args.exc_value}")
+        held.append(f"thread {name}: {args.exc_type.__name__}: {args.exc_value}")
 
     def hook(exc_type: type, value: BaseException, trace: Any) -> None:
-        # Called from C code (e.g. a future's callback on a closed event loop) outside the main
-        # program's control flow; the main program's own uncaught exceptions come after the block.
-        held_threads.append(f"{exc_type.__name__}: {value}")
+        if not _from_orbax(trace):
+            previous[1](exc_type, value, trace)
+            return
+        held.append(f"{exc_type.__name__}: {value}")
+
+    def unraisable_hook(args: Any) -> None:
+        # TensorStore's callbacks report "Event loop is closed" this way, from C++ threads.
+        if not _from_orbax(args.exc_traceback):
+            previous[2](args)
+            return
+        held.append(f"{args.exc_type.__name__}: {args.exc_value}")
 
     absl_logger.addFilter(log_filter)
-    threading.excepthook = thread_hook
-    sys.excepthook = hook
-    failed = False
+    threading.excepthook, sys.excepthook, sys.unraisablehook = thread_hook, hook, unraisable_hook
     try:
         yield
     except CheckpointError:
-        failed = True
         raise
-    finally:
-        absl_logger.removeFilter(log_filter)
-        threading.excepthook = previous_thread_hook
-        sys.excepthook = previous_hook
-        if not failed:
-            for record in log_filter.held:
-                absl_logger.handle(record)
-            for line in held_threads:
-                print(line, file=sys.stderr)
+    except BaseException:
+        _restore(absl_logger, log_filter, held, previous)
+        raise
+    _restore(absl_logger, log_filter, held, previous)
+
+
+def _restore(
+    absl_logger: logging.Logger, log_filter: _OrbaxLogFilter, held: list[str], previous: tuple
+) -> None:
+    """Puts the hooks back and prints what was held back."""
+    absl_logger.removeFilter(log_filter)
+    threading.excepthook, sys.excepthook, sys.unraisablehook = previous
+    for record in log_filter.held:
+        absl_logger.handle(record)
+    for line in held:
+        print(line, file=sys.stderr)
