@@ -79,6 +79,16 @@ class PreemptionWatch:
         self._previous = {}
 
 
+def ignore_sigterm_until_exit() -> None:
+    """Ignores SIGTERM for the rest of the process, once a run has saved and is exiting.
+
+    While the interpreter shuts down (after `main` returns: modules, JAX's runtime) it puts
+    Python-level handlers back to the default action, so a SIGTERM then would kill a run that
+    already saved (exit -15); an ignored signal stays ignored to the end.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _say(text: str) -> None:
     """Writes a line to stderr from a signal handler: `print` may be mid-write on the same
     stream, and a buffered stream refuses a reentrant call."""
