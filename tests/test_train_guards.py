@@ -163,6 +163,7 @@ needs_root = pytest.mark.skipif(
 # 1. Labels and the loss --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_labels_outside_the_model_classes_are_a_config_error_before_step_1(tmp_path, digits_dir):
     status, _, stderr = Training(tmp_path / "run", digits_dir, "model.num_classes=2").wait()
     assert status == 2, stderr
@@ -189,6 +190,7 @@ def test_a_label_check_stage_raises_config_error_for_each_batch_as_it_comes():
     assert "model.num_classes is 3" in str(error) and "label 7" in str(error)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_with_status_2_and_keeps_the_last_finite_step(tmp_path, digits_dir):
     run_dir = tmp_path / "run"
     train_in_process(run_dir, digits_dir)
