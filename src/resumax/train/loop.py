@@ -21,30 +21,18 @@ from flax import nnx
 from tqdm import tqdm
 
 from resumax.checkpoint import CheckpointRestore, CheckpointSave
-from resumax.errors import CheckpointError, DataSourceError, ResumaxError, StageError
-from resumax.pipeline import Pipeline
-from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
-from resumax.stages import BatchMap
+from resumax.errors import CheckpointError, ResumaxError, StageError
 from resumax.train import distributed
-from resumax.train.checks import (
-    FiniteLossGuard,
-    check_labels,
-    check_output_dirs,
-    label_range_check,
-    unwrap_config_error,
-)
-from resumax.train.config import Config, DataConfig, OptimizerConfig
-from resumax.train.datasets import prepare_digits
-from resumax.train.models import build_model, cross_entropy
+from resumax.train.checks import FiniteLossGuard, check_output_dirs, unwrap_config_error
+from resumax.train.classifier import ClassifierTask
+from resumax.train.config import Config, OptimizerConfig
+from resumax.train.lm import LanguageModelTask
 from resumax.train.preemption import PreemptionWatch
 from resumax.train.resume_checks import check_same_data, check_same_model
 from resumax.train.run_lock import RunLock
 from resumax.train.runlog import METRICS_FILE, MetricsLog, plot_metrics, read_metrics, record_config
 from resumax.train.saving import checkpoint_call, orbax_errors_contained
 from resumax.train.timing import LineTimer
-
-# Folded into the train seed to derive dropout keys, so they never coincide with the init keys.
-_DROPOUT_STREAM = 0x64726F70
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,38 +47,19 @@ class TrainResult:
     interrupted: bool = False  # stopped by Ctrl-C (SIGINT) rather than SIGTERM
 
 
-def features(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Batch -> model inputs: float32 images and int32 labels (JAX's default integer width).
-
-    A batch stage: one conversion per batch rather than one call per record keeps the input
-    pipeline ahead of the training step (see `data_wait_fraction` in metrics.jsonl).
-    """
-    return {
-        "image": np.asarray(batch["image"], dtype=np.float32),
-        "label": np.asarray(batch["label"], dtype=np.int32),
-    }
+def make_task(config: Config) -> ClassifierTask | LanguageModelTask:
+    """The task a config trains: a language model for model.name: transformer, else digits."""
+    if config.model.name == "transformer":
+        return LanguageModelTask(config)
+    return ClassifierTask(config)
 
 
-def build_source(
-    data: DataConfig, paths: str, *, evaluation: bool = False
-) -> ArrayRecordSourceModule:
-    """Training records (seeded order, `data.num_epochs`) or one ordered pass for evaluation."""
-    source_config = (
-        ArrayRecordSourceConfig(seed=data.seed, num_epochs=1, shuffle_files=False)
-        if evaluation
-        else ArrayRecordSourceConfig(
-            seed=data.seed, num_epochs=data.num_epochs, shuffle_files=data.shuffle_files
-        )
-    )
-    try:
-        return ArrayRecordSourceModule(source_config, paths)
-    except DataSourceError as error:
-        if data.prepare is not None:
-            raise
-        raise DataSourceError(
-            f"{error}; point data.train_paths / data.test_paths at ArrayRecord files, or set "
-            "data.prepare=digits to write the embedded digits data set there"
-        ) from error
+def prepare_task_data(task: ClassifierTask | LanguageModelTask) -> None:
+    """Process 0 writes the task's data set if it is missing; the others wait for the atomic
+    rename."""
+    if jax.process_index() == 0:
+        task.prepare_data()
+    distributed.barrier("resumax: data prepared")
 
 
 def build_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
@@ -112,68 +81,6 @@ def build_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTr
     return factory(learning_rate=schedule)
 
 
-def make_steps(graphdef: nnx.GraphDef, seed: int, dropout: bool) -> tuple[Callable, Callable]:
-    """Jitted pure functions over the split (model, optimizer) state.
-
-    train_step(state, images, labels, step) -> (state, loss, accuracy); the dropout key is
-    `fold_in(key(seed) + stream, step)`, so a resumed run draws the same masks.
-    eval_step(state, images, labels, mask) -> (sum of losses, number correct) over unmasked rows.
-    """
-    dropout_base = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
-
-    @jax.jit
-    def train_step(state, images, labels, step):
-        model, optimizer = nnx.merge(graphdef, state)
-        key = jax.random.fold_in(dropout_base, step) if dropout else None
-
-        def loss_fn(model):
-            logits = model(images, key)
-            return cross_entropy(logits, labels).mean(), logits
-
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        optimizer.update(model, grads)
-        accuracy = (logits.argmax(-1) == labels).mean()
-        return nnx.state((model, optimizer)), loss, accuracy
-
-    @jax.jit
-    def eval_step(state, images, labels, mask):
-        model, _ = nnx.merge(graphdef, state)
-        logits = model(images)
-        correct = (logits.argmax(-1) == labels) * mask
-        return (cross_entropy(logits, labels) * mask).sum(), correct.sum()
-
-    return train_step, eval_step
-
-
-def evaluate(
-    eval_step: Callable,
-    state: Any,
-    pipeline: Pipeline,
-    start: dict,
-    batch_size: int,
-    place: Callable[[Any], Any],
-) -> dict[str, float]:
-    """Mean loss and accuracy over one pass of `pipeline`, rewound to its `start` state first.
-
-    A short last batch is zero-padded to `batch_size` and masked, so one compiled eval_step
-    serves every batch. `place` puts the (images, labels, mask) of a batch where the state is.
-    """
-    pipeline.set_state(start)
-    loss_sum, correct, count = 0.0, 0.0, 0
-    for batch in pipeline:
-        rows = len(batch["label"])
-        images, labels = (
-            np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
-            for v in (batch["image"], batch["label"])
-        )
-        mask = (np.arange(batch_size) < rows).astype(np.float32)
-        batch_loss, batch_correct = eval_step(state, *place((images, labels, mask)))
-        loss_sum += float(distributed.host_array(batch_loss))
-        correct += float(distributed.host_array(batch_correct))
-        count += rows
-    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
-
-
 def checkpoint_tree(state: nnx.State) -> dict[str, Any]:
     """The (model, optimizer) state as the plain dict Orbax stores: {"model", "optimizer"}."""
     pure = nnx.to_pure_dict(state)
@@ -193,36 +100,14 @@ class _Run:
 
     def __init__(self, config: Config):
         self.config = config
-        data, train = config.data, config.train
-        # One process prepares the data; the others wait for the atomic rename.
-        if jax.process_index() == 0 and data.prepare == "digits" and prepare_digits(data.dir):
-            print(f"prepared the digits data set in {data.dir}", flush=True)
-        distributed.barrier("resumax: data prepared")
-        source = build_source(data, data.train_paths)
-        eval_source = build_source(data, data.test_paths, evaluation=True)
-        check_labels(source, config.model.num_classes, "data.train_paths")
-        check_labels(eval_source, config.model.num_classes, "data.test_paths")
-        image_shape = source[0]["image"].shape
+        train = config.train
+        self.task = make_task(config)
+        prepare_task_data(self.task)
         # Data parallel over every device of every process: each process reads its slice of the
         # global batch, which arrives as one jax.Array split along the batch axis.
         mesh = distributed.data_parallel_mesh()
-        self.pipeline = Pipeline(
-            source=source,
-            stages=[BatchMap(features), label_range_check(config.model.num_classes)],
-            batch_size=data.batch_size,
-            rngs=data.seed,
-            sharding=distributed.batch_sharding(mesh),
-        )
-        # Every process evaluates the whole test split, so eval batches are replicated.
-        self.eval_pipeline = Pipeline(
-            source=eval_source,
-            stages=[BatchMap(features)],
-            batch_size=data.batch_size,
-            rngs=data.seed,
-            shard_by_process=False,
-        )
-        self.eval_start = self.eval_pipeline.get_state()
-        model = build_model(config.model, image_shape, train.seed)
+        self.pipeline = self.task.build_pipeline(distributed.batch_sharding(mesh))
+        model = self.task.build_model()
         optimizer = nnx.Optimizer(
             model, build_optimizer(config.optimizer, train.num_steps), wrt=nnx.Param
         )
@@ -232,9 +117,7 @@ class _Run:
             self.place = functools.partial(distributed.replicate, mesh=mesh)
             self.state = self.place(self.state)
         self.loss_guard = FiniteLossGuard()
-        self.train_step, self.eval_step = make_steps(
-            self.graphdef, train.seed, dropout=config.model.dropout > 0
-        )
+        self.train_step, self.eval_step = self.task.make_steps(self.graphdef)
         self.primary = jax.process_index() == 0
         os.makedirs(train.run_dir, exist_ok=True)
         self.manager = ocp.CheckpointManager(
@@ -298,29 +181,18 @@ class _Run:
         checkpoint_call(self.manager, f"committing step {self.saved_step}", self.manager.close)
 
     def metrics_line(
-        self, step: int, loss: jax.Array, accuracy: jax.Array
+        self, step: int, loss: jax.Array, step_metrics: dict[str, jax.Array]
     ) -> dict[str, Any] | None:
         """The metrics of `step` if it is logged (every log_every and eval_every, and the last)."""
         train = self.config.train
-        if step % train.log_every and step % train.eval_every and step != train.num_steps:
+        evaluating = self.task.evaluates and step % train.eval_every == 0
+        if step % train.log_every and not evaluating and step != train.num_steps:
             return None
         self.loss_guard.check(self.saved_step)
-        line = {
-            "step": step,
-            "loss": float(distributed.host_array(loss)),
-            "accuracy": float(distributed.host_array(accuracy)),
-        }
-        if step % train.eval_every == 0:
-            line.update(
-                evaluate(
-                    self.eval_step,
-                    self.state,
-                    self.eval_pipeline,
-                    self.eval_start,
-                    self.config.data.batch_size,
-                    self.place,
-                )
-            )
+        line = {"step": step, "loss": float(distributed.host_array(loss))}
+        line.update((k, float(distributed.host_array(v))) for k, v in step_metrics.items())
+        if evaluating:
+            line.update(self.task.evaluate(self.eval_step, self.state, self.place))
         return line
 
     def loop(
@@ -332,7 +204,7 @@ class _Run:
         """
         train = self.config.train
         step, resumed = start, start > 0
-        timer = LineTimer(step, self.config.data.batch_size * jax.process_count())
+        timer, mark_step = LineTimer(), step
         batches = iter(self.pipeline)
         with tqdm(total=train.num_steps, initial=step, unit="step", disable=None) as bar:
             while step < train.num_steps:
@@ -345,23 +217,26 @@ class _Run:
                 if batch is None:
                     bar.write(f"the data ended after step {step} (data.num_epochs)")
                     break
-                self.state, loss, accuracy = self.train_step(
-                    self.state, batch["image"], batch["label"], np.int32(step)
+                self.state, loss, step_metrics = self.train_step(
+                    self.state, *self.task.inputs(batch), np.int32(step)
                 )
                 step += 1
                 self.loss_guard.observe(step, loss)
                 bar.update(1)
-                line = self.metrics_line(step, loss, accuracy)
+                line = self.metrics_line(step, loss, step_metrics)
                 if line is not None:
-                    line.update(timer.fields(step), resumed=resumed)
+                    seconds, waits = timer.lap()
+                    rates = self.task.throughput(step - mark_step, seconds)
+                    line.update(rates, **waits, resumed=resumed)
                     if metrics is not None:
                         metrics.write(line)
+                    postfix = {name: f"{rate:.0f}" for name, rate in rates.items()}
                     bar.set_postfix(
                         loss=f"{line['loss']:.4f}",
-                        records_per_s=f"{line['records_per_s']:.0f}",
-                        data_wait_fraction=f"{line['data_wait_fraction']:.2f}",
+                        **postfix,
+                        data_wait_fraction=f"{waits['data_wait_fraction']:.2f}",
                     )
-                    resumed = False
+                    mark_step, resumed = step, False
                 if step % train.checkpoint_every == 0:
                     self.save(step)
         return step, False
