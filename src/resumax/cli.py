@@ -72,7 +72,7 @@ def _profile(args: argparse.Namespace) -> int:
         task = make_task(load_config(args.config, args.targets))
         prepare_task_data(task)
         mesh = distributed.data_parallel_mesh()
-        pipeline = task.build_pipeline(distributed.batch_sharding(mesh))
+        pipeline = task.build_pipeline(distributed.pipeline_sharding(mesh))
     elif args.targets:
         source = ArrayRecordSourceModule(ArrayRecordSourceConfig(shuffle_files=True), args.targets)
         pipeline = Pipeline(source, batch_size=args.batch_size)

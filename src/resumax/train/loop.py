@@ -106,7 +106,7 @@ class _Run:
         # Data parallel over every device of every process: each process reads its slice of the
         # global batch, which arrives as one jax.Array split along the batch axis.
         mesh = distributed.data_parallel_mesh()
-        self.pipeline = self.task.build_pipeline(distributed.batch_sharding(mesh))
+        self.pipeline = self.task.build_pipeline(distributed.pipeline_sharding(mesh))
         model = self.task.build_model()
         optimizer = nnx.Optimizer(
             model, build_optimizer(config.optimizer, train.num_steps), wrt=nnx.Param
