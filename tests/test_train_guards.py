@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import pty
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 
@@ -84,14 +86,8 @@ class Training:
             *overrides,
         ]
         self.run_dir = Path(run_dir)
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            **popen,
-        )
+        popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+        self.process = subprocess.Popen(command, cwd=REPO, text=True, **popen)
 
     def send(self, signum: int) -> None:
         os.kill(self.process.pid, signum)
@@ -446,3 +442,25 @@ def test_every_metrics_line_reports_the_time_the_loop_waited_for_data(tmp_path, 
         assert 0 <= line["data_wait_fraction"] <= 1
         assert 0 <= line["data_wait_s"] < elapsed
     assert sum(line["data_wait_s"] for line in lines) < elapsed
+
+
+@pytest.mark.slow
+def test_the_progress_bar_in_a_terminal_shows_the_data_wait_fraction(tmp_path, digits_dir):
+    controller, terminal = pty.openpty()
+    termios.tcsetwinsize(terminal, (24, 200))  # rows, columns: tqdm draws nothing in 0 columns
+    training = Training(tmp_path / "run", digits_dir, num_steps=12, stderr=terminal)
+    os.close(terminal)
+    output = b""
+    while chunk := _read_terminal(controller):
+        output += chunk
+    os.close(controller)
+    assert training.process.wait(timeout=TIMEOUT) == 0, output
+    assert re.search(rb"data_wait_fraction=\d\.\d\d", output), output
+
+
+def _read_terminal(descriptor: int) -> bytes:
+    """Bytes from a pseudo-terminal's controller side; b"" once the child closed it."""
+    try:
+        return os.read(descriptor, 65536)
+    except OSError:  # EIO: no process holds the terminal side any more
+        return b""
