@@ -33,6 +33,8 @@ class DataConfig:
     transformer) reads instead a mixture of `${data.dir}/<name>-*.array_record` corpora with
     `weights` {name: weight} (`prepare: stdlib_text` writes "prose" and "code"), packed into rows
     of `sequence_length` tokens per `window` records; `batch_size` then counts rows.
+    `num_workers` worker processes read and decode the training records (identical batches for
+    any value; see `resumax profile --config` for the one that pays off).
     """
 
     dir: str = "runs/data/digits"
@@ -43,6 +45,7 @@ class DataConfig:
     num_epochs: int = -1
     shuffle_files: bool = True
     batch_size: int = 32
+    num_workers: int = 0
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
     sequence_length: int = 128
     window: int = 512
@@ -225,6 +228,7 @@ def _validate_data(data: DataConfig) -> None:
         data.num_epochs,
     )
     _require(data.batch_size > 0, "data.batch_size", "> 0", data.batch_size)
+    _require(data.num_workers >= 0, "data.num_workers", ">= 0", data.num_workers)
     for key in ("dir", "train_paths", "test_paths"):
         _require(bool(getattr(data, key)), f"data.{key}", "a non-empty path", getattr(data, key))
     for name, weight in data.weights.items():
