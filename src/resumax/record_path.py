@@ -14,6 +14,8 @@ from resumax.batching import Chunk, stack_if_uniform
 from resumax.errors import DataSourceError, StageError
 from resumax.sources.base import RecordSource
 from resumax.stages import Filter, Map, RandomMap, RecordRng, Stage
+from resumax.stream_checks import record_producer, require_records
+from resumax.workers import report_activity
 
 
 class RecordPath:
@@ -21,12 +23,22 @@ class RecordPath:
 
     It runs in this process, or in each worker rebuilt by `open_record_path` over the worker's
     own copy of the source. RandomMap draws depend only on (seed, stage, epoch, record index),
-    so every process computes the same chunk for a span.
+    so every process computes the same chunk for a span. In a worker (`in_worker`) even a
+    SystemExit or KeyboardInterrupt a stage raises becomes a StageError naming it.
     """
 
-    def __init__(self, source: RecordSource, record_stages: Sequence[Stage], rng_seed: int):
+    def __init__(
+        self,
+        source: RecordSource,
+        record_stages: Sequence[Stage],
+        rng_seed: int,
+        *,
+        in_worker: bool = False,
+    ):
         self.source = source
         self.record_stages = list(record_stages)
+        self._producer = record_producer(self.record_stages)
+        self._catch = BaseException if in_worker else Exception
         self._rngs = {
             position: RecordRng(rng_seed, position)
             for position, stage in enumerate(self.record_stages)
@@ -38,13 +50,20 @@ class RecordPath:
         examples: list[Any] = []
         positions = []
         for epoch, start, stop in self._epoch_segments(*span):
+            report_activity(0)
             record_indices = self.source.record_indices(epoch, start, stop)
             records = self.source.read_records(record_indices)
             kept, kept_indices = self._apply_record_stages(epoch, start, record_indices, records)
             examples.extend(kept)
             positions.append(kept_indices + epoch * records_per_epoch)
         positions = positions[0] if len(positions) == 1 else np.concatenate(positions)
-        return Chunk(stack_if_uniform(examples), positions)
+        return Chunk(stack_if_uniform(examples), positions, span)
+
+    @property
+    def activities(self) -> list[str]:
+        """What the codes given to `report_activity` mean: reading, then stage k at k + 1."""
+        stages = [f"stage {k} ({stage.name})" for k, stage in enumerate(self.record_stages)]
+        return ["reading and decoding records", *stages]
 
     def _epoch_segments(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """(epoch, first index, stop index) of the parts of [start, stop) in each epoch."""
@@ -62,6 +81,7 @@ class RecordPath:
         positions = np.arange(start, start + len(examples))
         for stage_position, stage in enumerate(self.record_stages):
             done = 0
+            report_activity(stage_position + 1)
             try:
                 if isinstance(stage, Map):
                     fn = stage.fn
@@ -77,12 +97,13 @@ class RecordPath:
                         keep[done] = bool(stage.predicate(example))
                     examples = [e for e, k in zip(examples, keep.tolist(), strict=True) if k]
                     positions, record_indices = positions[keep], record_indices[keep]
-            except Exception as error:
+            except self._catch as error:
                 raise StageError(
                     f"stage {stage_position} ({stage.name}) failed on record "
                     f"{record_indices[done]} (epoch {epoch}, position {positions[done]}): "
                     f"{error!r}"
                 ) from error
+        require_records(examples, self._producer, epoch, record_indices, positions)
         return examples, positions
 
 
@@ -99,4 +120,4 @@ def open_record_path(
             f"a worker process found {source.records_per_epoch} records per epoch where the "
             f"pipeline's source has {records_per_epoch}; did the data files change?"
         )
-    return RecordPath(source, record_stages, rng_seed)
+    return RecordPath(source, record_stages, rng_seed, in_worker=True)
