@@ -14,7 +14,7 @@ from resumax.batching import Chunk, stack_if_uniform
 from resumax.errors import DataSourceError, StageError
 from resumax.sources.base import RecordSource
 from resumax.stages import Filter, Map, RandomMap, RecordRng, Stage
-from resumax.stream_checks import record_producer, require_records
+from resumax.stream_checks import record_producer, require_records, unsendable_error
 from resumax.workers import report_activity
 
 
@@ -58,6 +58,10 @@ class RecordPath:
             positions.append(kept_indices + epoch * records_per_epoch)
         positions = positions[0] if len(positions) == 1 else np.concatenate(positions)
         return Chunk(stack_if_uniform(examples), positions, span)
+
+    def unsendable_error(self, chunk: Chunk, error: Exception) -> StageError:
+        """Names the stage and record whose value cannot be pickled to the parent process."""
+        return unsendable_error(chunk, self._producer, self.source, error)
 
     @property
     def activities(self) -> list[str]:

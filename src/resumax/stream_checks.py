@@ -3,10 +3,11 @@ that names the stage and the records, never a raw traceback, a silent end or a h
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from resumax.batching import describe_positions
+from resumax.batching import Chunk, describe_positions
 from resumax.errors import StageError
 from resumax.sources.base import RecordSource
 from resumax.stages import Filter, Stage
@@ -70,11 +71,11 @@ def _short(value: Any) -> str:
 class FilterStarvation:
     """Notices a stream whose Filter stages keep nothing, which would otherwise never end.
 
-    Fed the span and kept positions of each chunk; raises StageError once every position of a
-    whole epoch that this process reads has passed without a record kept. A whole epoch, not
-    any `records_per_epoch` consecutive positions: a Filter that keeps one record per epoch
-    keeps it somewhere in every epoch, wherever the shuffle puts it. Reaching the end of a
-    finite run is never an error.
+    Fed the span and kept positions of each chunk of an infinite run; raises StageError once
+    every position of a whole epoch that this process reads has passed without a record kept.
+    A whole epoch, not any `records_per_epoch` consecutive positions: a Filter that keeps one
+    record per epoch keeps it somewhere in every epoch, wherever the shuffle puts it. A finite
+    run (`end` set) ends on its own, with whatever it kept: never an error.
     """
 
     def __init__(
@@ -99,7 +100,7 @@ class FilterStarvation:
         if len(kept):
             self._empty_since = int(kept[-1]) + 1
             return
-        if span is None or (self._end is not None and span[1] >= self._end):
+        if span is None or self._end is not None:
             return
         per_epoch = self._records_per_epoch
         first_whole_epoch = -(-self._empty_since // per_epoch)
@@ -137,3 +138,26 @@ def require_records(
                 f"{record} (epoch {epoch}, position {position}); a per-record stage must return "
                 "the record, a dict of fields (did it forget to return it?)"
             )
+
+
+def unsendable_error(
+    chunk: Chunk, producer: str, source: RecordSource, error: Exception
+) -> StageError:
+    """The StageError for a chunk a worker cannot pickle: names the first field and record whose
+    value cannot be pickled, and `producer`, the stage that made it."""
+    for row, example in enumerate(chunk.examples_between(0, len(chunk))):
+        for key, value in example.items():
+            try:
+                pickle.dumps(value)
+            except Exception as field_error:
+                record = describe_records(source, [int(chunk.positions[row])])
+                return StageError(
+                    f"{producer} returned a value that cannot be sent from a worker process to "
+                    f"the pipeline: field {key!r} of {record} is {type(value).__name__} "
+                    f"{_short(value)} ({field_error}). Return numpy arrays and plain Python "
+                    "values, or use num_workers=0"
+                )
+    return StageError(
+        f"the records {producer} returned at {describe_positions(chunk.positions.tolist())} "
+        f"cannot be sent from a worker process to the pipeline: {error!r}"
+    )

@@ -44,8 +44,9 @@ STOP_TIMEOUT = 2.0
 # Seconds the parent waits for a dead worker's exit code, for its error message.
 _EXIT_CODE_WAIT = 1.0
 _NO_TASK = object()
-# What a worker reports while it has no task, or while it sends a result (see report_activity).
-_IDLE, _SENDING = -1, -2
+# What a worker reports before its first task, between tasks and while it sends a result (see
+# report_activity); codes >= 0 index the pool's `activities`.
+_STARTING, _IDLE, _SENDING = -3, -1, -2
 # The worker's activity cell, shared with the parent; None in any other process.
 _activity: Any = None
 
@@ -218,7 +219,7 @@ class WorkerPool:
         try:
             for index in range(num_workers):
                 parent_end, child_end = context.Pipe(duplex=True)
-                cell = context.RawValue("i", _IDLE)
+                cell = context.RawValue("i", _STARTING)
                 process = context.Process(
                     target=_worker_main,
                     args=(
@@ -276,10 +277,18 @@ class WorkerPool:
         self._wait_for(worker_index, task)
         try:
             message = self._connections[worker_index].recv()
-            if message[0] != "error":
-                return self._readers[worker_index].unpack(message)
         except (EOFError, OSError) as error:
             raise self._died(worker_index) from error
+        if message[0] != "error":
+            try:
+                return self._readers[worker_index].unpack(message)
+            except Exception as error:
+                raise WorkerError(
+                    f"the result of resumax worker process {worker_index} for "
+                    f"{self._describe_task(task)} cannot be read in this process ({error!r}): "
+                    "a stage returned an object that pickles but does not unpickle here; "
+                    "return numpy arrays and plain Python values"
+                ) from error
         _, error, remote = message
         error.add_note(f"raised in resumax worker process {worker_index}:\n{remote}")
         raise error
@@ -301,7 +310,7 @@ class WorkerPool:
                 )
             if waited >= next_warning:
                 logger.warning(
-                    "%s has not answered for %.0f s; the pipeline waits for it. Pass "
+                    "%s has not answered for %.1f s; the pipeline waits for it. Pass "
                     "Pipeline(worker_timeout=seconds) to make this an error",
                     self._describe_worker(worker_index, task),
                     waited,
@@ -315,12 +324,15 @@ class WorkerPool:
     def _describe_worker(self, worker_index: int, task: Any) -> str:
         """Names the worker, what it reported doing and its task, for messages."""
         code = self._activity_cells[worker_index].value
-        if code == _SENDING:
-            doing = "sending its result"
-        elif 0 <= code < len(self._activities):
+        doings = {
+            _STARTING: "still starting (importing, opening the source)",
+            _IDLE: "between tasks",
+            _SENDING: "sending its result",
+        }
+        if 0 <= code < len(self._activities):
             doing = f"running {self._activities[code]}"
         else:
-            doing = "working"
+            doing = doings.get(code, f"at step {code}")
         pid = self._processes[worker_index].pid
         return (
             f"resumax worker process {worker_index} (pid {pid}), {doing} for "
