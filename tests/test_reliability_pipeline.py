@@ -19,6 +19,7 @@ import time
 import psutil
 import pytest
 
+import resumax
 import resumax.workers
 from resumax import (
     ArrayRecordSourceConfig,
@@ -26,9 +27,15 @@ from resumax import (
     Filter,
     Pipeline,
 )
-from resumax.errors import ConfigError, StageError, StateMismatchError, WorkerError
+from resumax.errors import (
+    ConfigError,
+    DataSourceError,
+    StageError,
+    StateMismatchError,
+    WorkerError,
+)
 from resumax.iterator import STOP_TIMEOUT
-from tests.conftest import take
+from tests.conftest import assert_batches_equal, make_examples, take
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "stuck_stage_script.py")
 # Slack for a loaded 2-core machine on top of the promised bound.
@@ -280,3 +287,20 @@ def test_a_loosely_typed_version_or_rng_seed_is_a_state_mismatch_naming_the_fiel
     state[field] = {"as str": str(value), "as float": float(value), "as bool": True}[loose]
     with pytest.raises(StateMismatchError, match=f"field '{field}'"):
         pipeline.set_state(state)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_paths_given_as_bytes_write_and_read_the_same_files_as_str(tmp_path, num_workers):
+    written = resumax.write_shards(os.fsencode(tmp_path / "train"), make_examples(20), 2)
+    names = [f"train-0000{shard}-of-00002.array_record" for shard in range(2)]
+    assert written == [str(tmp_path / name) for name in names]
+    assert sorted(os.listdir(tmp_path)) == names
+    expected = take(build(str(tmp_path / "train-*"), num_epochs=1), 5)
+    for paths in (os.fsencode(tmp_path / "train-*"), [os.fsencode(path) for path in written]):
+        assert_batches_equal(take(build(paths, num_epochs=1, num_workers=num_workers), 5), expected)
+
+
+@pytest.mark.parametrize("paths", [[1, 2], [b"ok", None], b"", []])
+def test_paths_that_are_not_paths_raise_data_source_error(paths):
+    with pytest.raises(DataSourceError, match="paths must be|does not exist"):
+        build(paths)

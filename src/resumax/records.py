@@ -100,7 +100,7 @@ def write_array_record(
     """
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial_path = f"{path}.partial"
     writer = array_record_module.ArrayRecordWriter(partial_path, f"group_size:{group_size}")
@@ -144,7 +144,7 @@ class ArrayRows(Sequence):
 
 def shard_paths(prefix: str | os.PathLike, num_shards: int) -> list[str]:
     """The file names `write_shards` uses: `prefix-00000-of-0000N.array_record`."""
-    prefix = os.fspath(prefix)
+    prefix = os.fsdecode(prefix)
     return [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
 
 

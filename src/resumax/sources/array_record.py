@@ -23,19 +23,27 @@ from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerpr
 _RANDOM_ACCESS_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 _GLOB_CHARACTERS = frozenset("*?[")
 
-PathsLike = str | os.PathLike | Sequence[str | os.PathLike]
+PathsLike = str | bytes | os.PathLike | Sequence[str | bytes | os.PathLike]
+_PATH_TYPES = (str, bytes, os.PathLike)
 
 
 def resolve_paths(paths: PathsLike) -> list[str]:
-    """Expands one path, a glob or a list of either into a list of files; globs are sorted."""
-    if isinstance(paths, (str, os.PathLike)):
+    """Expands one path, a glob or a list of either into a list of files; globs are sorted.
+
+    Paths may be str, bytes (decoded as the OS does, `os.fsdecode`) or path-like objects.
+    """
+    if isinstance(paths, _PATH_TYPES):
         paths = [paths]
-    if not isinstance(paths, Sequence) or not paths:
+    if (
+        not isinstance(paths, Sequence)
+        or not paths
+        or not all(isinstance(path, _PATH_TYPES) for path in paths)
+    ):
         raise DataSourceError(
             f"paths must be a path, a glob or a non-empty list of them, got {paths!r}"
         )
     files: list[str] = []
-    for pattern in map(os.fspath, paths):
+    for pattern in map(os.fsdecode, paths):
         if _GLOB_CHARACTERS.intersection(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
