@@ -167,7 +167,7 @@ def test_restoring_a_checkpoint_of_another_dataset_raises_state_mismatch_naming_
     shards, tmp_path
 ):
     save_data_step(tmp_path / "ckpt", advanced_pipeline(shards, 2))
-    resumax.write_shards(tmp_path / "other", make_examples(120), num_shards=3)
+    resumax.write_shards(tmp_path / "other", make_examples(100)[::-1], num_shards=3)
     other = build_pipeline(str(tmp_path / "other-*.array_record"))
 
     with pytest.raises(StateMismatchError, match="field 'fingerprint'") as error:

@@ -294,7 +294,7 @@ def test_paths_given_as_bytes_write_and_read_the_same_files_as_str(tmp_path, num
     written = resumax.write_shards(os.fsencode(tmp_path / "train"), make_examples(20), 2)
     names = [f"train-0000{shard}-of-00002.array_record" for shard in range(2)]
     assert written == [str(tmp_path / name) for name in names]
-    assert sorted(os.listdir(tmp_path)) == names
+    assert sorted(os.listdir(tmp_path)) == [*names, "train.index.json"]
     expected = take(build(str(tmp_path / "train-*"), num_epochs=1), 5)
     for paths in (os.fsencode(tmp_path / "train-*"), [os.fsencode(path) for path in written]):
         assert_batches_equal(take(build(paths, num_epochs=1, num_workers=num_workers), 5), expected)
@@ -302,5 +302,5 @@ def test_paths_given_as_bytes_write_and_read_the_same_files_as_str(tmp_path, num
 
 @pytest.mark.parametrize("paths", [[1, 2], [b"ok", None], b"", []])
 def test_paths_that_are_not_paths_raise_data_source_error(paths):
-    with pytest.raises(DataSourceError, match="paths must be|does not exist"):
+    with pytest.raises(DataSourceError, match="must be|does not exist"):
         build(paths)

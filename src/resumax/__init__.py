@@ -4,6 +4,7 @@ from resumax import errors, order, records
 from resumax.errors import (
     CheckpointError,
     ConfigError,
+    DataFileNotFoundError,
     DataSourceError,
     RecordDecodeError,
     RecordEncodeError,
@@ -14,13 +15,18 @@ from resumax.errors import (
 )
 from resumax.pipeline import Pipeline
 from resumax.records import decode, encode, write_array_record, write_shards
+from resumax.sequences import Pad
 from resumax.sources import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
+    DataSourceModule,
     MemorySource,
+    MixtureSource,
     RecordSource,
+    tfds_source,
 )
-from resumax.stages import BatchMap, Filter, Map, RandomMap
+from resumax.stages import BatchMap, Filter, Map, MapWithIndex, RandomMap
+from resumax.tfexample import TFExample
 
 __version__ = "0.1.0"
 
@@ -30,10 +36,15 @@ __all__ = [
     "BatchMap",
     "CheckpointError",
     "ConfigError",
+    "DataFileNotFoundError",
     "DataSourceError",
+    "DataSourceModule",
     "Filter",
     "Map",
+    "MapWithIndex",
     "MemorySource",
+    "MixtureSource",
+    "Pad",
     "Pipeline",
     "RandomMap",
     "RecordDecodeError",
@@ -42,12 +53,14 @@ __all__ = [
     "ResumaxError",
     "StageError",
     "StateMismatchError",
+    "TFExample",
     "WorkerError",
     "decode",
     "encode",
     "errors",
     "order",
     "records",
+    "tfds_source",
     "write_array_record",
     "write_shards",
 ]

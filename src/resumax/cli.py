@@ -1,6 +1,7 @@
-"""The `resumax` command: `inspect` prints what a set of ArrayRecord files holds, `convert` writes
-an .npz file's rows as ArrayRecord shards, and `train` runs the reference training loop from a
-YAML config with `key=value` overrides."""
+"""The `resumax` command: `inspect` prints what a set of ArrayRecord files (resumax or
+tf.train.Example records) or a TFDS dataset directory holds, `convert` writes an .npz file's rows
+as ArrayRecord shards, `profile` shows where a pipeline's time goes, and `train` runs the
+reference training loop from a YAML config with `key=value` overrides."""
 
 from __future__ import annotations
 
@@ -10,28 +11,13 @@ import sys
 
 import numpy as np
 
-from resumax import records
-from resumax.errors import DataSourceError, ResumaxError
+from resumax import records, shard_index, summary
+from resumax.errors import ConfigError, DataSourceError, ResumaxError
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    source = ArrayRecordSourceModule(ArrayRecordSourceConfig(), args.paths)
-    first = source[0]
-    fields = {
-        key: {
-            "dtype": str(getattr(value, "dtype", type(value).__name__)),
-            "shape": list(getattr(value, "shape", ())),
-        }
-        for key, value in first.items()
-    }
-    summary = {
-        "files": len(source.paths),
-        "records": len(source),
-        "fingerprint": source.fingerprint,
-        "fields": fields,
-    }
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary.describe(args.paths), indent=2))
     return 0
 
 
@@ -46,6 +32,7 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {len(rows)} records with fields {sorted(columns)} to {len(paths)} files:")
     for path in paths:
         print(f"  {path}")
+    print(f"and their index {shard_index.index_path(args.prefix)}")
     return 0
 
 
@@ -57,6 +44,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from resumax.pipeline import Pipeline
+    from resumax.profile import profile_pipeline
+
+    if args.config:
+        from resumax.train import distributed
+        from resumax.train.config import load_config
+        from resumax.train.loop import build_train_pipeline, prepare_data
+
+        data = load_config(args.config, args.targets).data
+        prepare_data(data)
+        pipeline = build_train_pipeline(data, distributed.data_parallel_mesh())
+    elif args.targets:
+        source = ArrayRecordSourceModule(ArrayRecordSourceConfig(shuffle_files=True), args.targets)
+        pipeline = Pipeline(source, batch_size=args.batch_size)
+    else:
+        raise ConfigError("give ArrayRecord paths or globs, or --config CONFIG.yaml")
+    print(profile_pipeline(pipeline, seconds=args.seconds).format())
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
@@ -66,7 +84,9 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resumax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="summarise ArrayRecord files (paths or globs)")
+    inspect = commands.add_parser(
+        "inspect", help="summarise ArrayRecord files (paths or globs) or a TFDS dataset directory"
+    )
     inspect.add_argument("paths", nargs="+")
     inspect.set_defaults(run=_inspect)
     convert = commands.add_parser(
@@ -76,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("prefix", help="output prefix: PREFIX-00000-of-0000N.array_record")
     convert.add_argument("--shards", type=_positive_int, default=1, help="number of files")
     convert.set_defaults(run=_convert)
+    profile = commands.add_parser(
+        "profile",
+        help="time each step of the input pipeline and num_workers 0..cores; recommend a setting",
+    )
+    profile.add_argument(
+        "targets",
+        nargs="*",
+        help="ArrayRecord paths or globs; with --config, key=value overrides of the config",
+    )
+    profile.add_argument("--config", help="profile a training config's pipeline instead")
+    profile.add_argument("--batch-size", type=_positive_int, default=256, help="for paths")
+    profile.add_argument(
+        "--seconds", type=_positive_float, default=2.0, help="duration of each measurement"
+    )
+    profile.set_defaults(run=_profile)
     train = commands.add_parser(
         "train",
         help="train from a YAML config; resumes the latest checkpoint; SIGTERM saves and exits",

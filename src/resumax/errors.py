@@ -19,12 +19,16 @@ class DataSourceError(ResumaxError):
     """A data file is missing, unreadable, empty or corrupt."""
 
 
+class DataFileNotFoundError(DataSourceError, FileNotFoundError):
+    """A data file or dataset directory does not exist (also a built-in `FileNotFoundError`)."""
+
+
 class RecordEncodeError(ResumaxError, TypeError):
     """An example holds a value the record codec cannot store without pickle."""
 
 
 class RecordDecodeError(ResumaxError):
-    """Stored bytes are not a valid resumax record."""
+    """Stored bytes are not a valid record of the expected format (resumax, tf.train.Example)."""
 
 
 class StageError(ResumaxError):

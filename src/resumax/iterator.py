@@ -25,11 +25,13 @@ STOP_TIMEOUT = 2.0
 
 @dataclasses.dataclass(frozen=True)
 class Delivery:
-    """A finished batch (None: a finite run ended) and the position right after it."""
+    """A finished batch (None: a finite run ended), the position right after it and the
+    operators' Variables right after it (`resumax.operators`; None without operators)."""
 
     batch: Any
     epoch: int
     index: int
+    operators: Any = None
 
 
 class PipelineIterator:
@@ -66,6 +68,7 @@ class PipelineIterator:
             raise
         pipeline = self._pipeline
         pipeline.source.seek(delivery.epoch, delivery.index)
+        pipeline.operator_states.delivered(delivery.operators)
         if delivery.batch is None:
             self.close()
             raise StopIteration

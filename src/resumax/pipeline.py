@@ -24,10 +24,11 @@ from resumax.batching import BatchFields, Chunk, Piece, batch_positions, combine
 from resumax.device import check_sharding, put_batch
 from resumax.errors import ConfigError, StageError, StateMismatchError
 from resumax.iterator import ActiveIterator, Delivery, PipelineIterator
+from resumax.operators import OperatorStates
 from resumax.prefetch import Prefetcher
 from resumax.record_path import RecordPath, open_record_path
 from resumax.sources.base import DataPosition, RecordSource, V1Checkpointable
-from resumax.stages import BatchMap, Filter, as_stage
+from resumax.stages import BatchMap, Filter, Operator, as_stage
 from resumax.stream_checks import FilterStarvation, describe_records, require_batch
 from resumax.workers import WorkerPool, check_worker_timeout, require_picklable
 
@@ -83,8 +84,9 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
 
     Args:
       source: a resumax source (`ArrayRecordSourceModule`, `MemorySource`).
-      stages: callables (maps) and `Map` / `RandomMap` / `Filter` / `BatchMap` objects, applied in
-        order; `BatchMap` stages come after all per-record stages.
+      stages: callables (maps) and `Map` / `MapWithIndex` / `RandomMap` / `Filter` / `BatchMap`
+        objects or Grain transforms, applied in order; batch stages (`BatchMap`, and bare
+        `nnx.Module`s, whose Variables join the state) come after all per-record stages.
       batch_size: records per batch (> 0).
       rngs: seeds `RandomMap` generators (with epoch and record index); an `nnx.Rngs` or an int.
       drop_remainder: in finite mode, drop the last batch if it is partial.
@@ -157,6 +159,9 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         self.batches_emitted = DataPosition(0)
         self._record_path = RecordPath(source, stages[:first_batch_stage], self.rng_seed)
         self._batch_stages = stages[first_batch_stage:]
+        self.operator_states = OperatorStates(
+            [(i, s.fn) for i, s in enumerate(stages) if isinstance(s, Operator)]
+        )
         self._worker_recipe = self._make_worker_recipe() if num_workers else None
         self._active = ActiveIterator()
 
@@ -177,6 +182,8 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
     def __iter__(self) -> PipelineIterator:
         """Batches from the current position: spans -> chunks -> batches -> prefetch -> caller."""
         self._active.close()
+        self.source.check_open()  # workers read through their own copies: check here
+        self.operator_states.rewind()
         records_per_epoch = self.source.records_per_epoch
         epoch, index = self.source.position
         num_epochs = self.source.config.num_epochs
@@ -265,7 +272,18 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
 
     def _delivery(self, batch: Any, position: int) -> Delivery:
         epoch, index = divmod(position, self.source.records_per_epoch)
-        return Delivery(batch, epoch, index)
+        return Delivery(batch, epoch, index, self.operator_states.snapshot())
+
+    def close(self) -> None:
+        """Ends the live iterator (its workers and prefetch thread) and closes the source."""
+        self._active.close()
+        self.source.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     # State ------------------------------------------------------------------------------------
 
@@ -274,7 +292,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
 
         Prefetched or in-flight batches are not stored: they are recomputed on resume.
         """
-        return {
+        state = {
             "version": PIPELINE_STATE_VERSION,
             "source": self.source.get_state(),
             "batches_emitted": self.batches_emitted.get_value(),
@@ -282,6 +300,9 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
             "rng_seed": self.rng_seed,
             "process_count": self.process_count,
         }
+        if self.operator_states:
+            state["operators"] = self.operator_states.to_json()
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores `get_state()` output; raises StateMismatchError naming any differing field.
@@ -315,8 +336,10 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
             raise StateMismatchError(f"pipeline state field 'batches_emitted' is {batches!r}")
         self._check_filter_shard(state)
+        operators = self.operator_states.parse(state.get("operators"))
         self.source.set_state(state["source"])
         self.batches_emitted.set_value(batches)
+        self.operator_states.restore(operators)
 
     def _check_filter_shard(self, state: dict[str, Any]) -> None:
         """A Filter pipeline resumes only on the process layout it was saved with.

@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from resumax.batch_decode import SpanDecoder
 from resumax.batching import Chunk, stack_if_uniform
 from resumax.errors import DataSourceError, StageError
+from resumax.records import decode
 from resumax.sources.base import RecordSource
-from resumax.stages import Filter, Map, RandomMap, RecordRng, Stage
+from resumax.stages import Filter, Map, MapWithIndex, RandomMap, RecordRng, Stage
 from resumax.stream_checks import record_producer, require_records, unsendable_error
 from resumax.workers import report_activity
 
@@ -44,15 +46,29 @@ class RecordPath:
             for position, stage in enumerate(self.record_stages)
             if isinstance(stage, RandomMap)
         }
+        self._decode_span = SpanDecoder() if source.batch_decodable else None
 
     def __call__(self, span: tuple[int, int]) -> Chunk:
         records_per_epoch = self.source.records_per_epoch
+        segments = list(self._epoch_segments(*span))
+        if self._decode_span is not None and not self.record_stages and len(segments) == 1:
+            # The common case: the span's records decoded and stacked at once, straight to a chunk.
+            report_activity(0)
+            epoch, start, stop = segments[0]
+            record_indices = self.source.record_indices(epoch, start, stop)
+            raw = self.source.read_raw(record_indices)
+            stacked = self._decode_span(raw)
+            positions = np.arange(start, stop, dtype=np.int64) + epoch * records_per_epoch
+            if stacked is not None:
+                return Chunk(stacked.arrays, positions, span)
+            examples = self._decode_each(record_indices, raw)
+            return Chunk(stack_if_uniform(examples), positions, span)
         examples: list[Any] = []
         positions = []
-        for epoch, start, stop in self._epoch_segments(*span):
+        for epoch, start, stop in segments:
             report_activity(0)
             record_indices = self.source.record_indices(epoch, start, stop)
-            records = self.source.read_records(record_indices)
+            records = self._read_examples(record_indices)
             kept, kept_indices = self._apply_record_stages(epoch, start, record_indices, records)
             examples.extend(kept)
             positions.append(kept_indices + epoch * records_per_epoch)
@@ -68,6 +84,24 @@ class RecordPath:
         """What the codes given to `report_activity` mean: reading, then stage k at k + 1."""
         stages = [f"stage {k} ({stage.name})" for k, stage in enumerate(self.record_stages)]
         return ["reading and decoding records", *stages]
+
+    def _read_examples(self, record_indices: np.ndarray) -> list[Any]:
+        """The decoded records, per record dicts (views of a span stacked at once if possible)."""
+        if self._decode_span is None:
+            return self.source.read_records(record_indices)
+        raw = self.source.read_raw(record_indices)
+        stacked = self._decode_span(raw)
+        if stacked is not None:
+            return stacked.examples()
+        return self._decode_each(record_indices, raw)
+
+    def _decode_each(self, record_indices: np.ndarray, raw: list[bytes]) -> list[Any]:
+        """Records of mixed layouts, decoded one by one; on failure the source reads them again
+        and raises its error naming the file and record."""
+        try:
+            return [decode(data) for data in raw]
+        except Exception:
+            return self.source.read_records(record_indices)
 
     def _epoch_segments(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """(epoch, first index, stop index) of the parts of [start, stop) in each epoch."""
@@ -91,6 +125,10 @@ class RecordPath:
                     fn = stage.fn
                     for done, example in enumerate(examples):
                         examples[done] = fn(example)
+                elif isinstance(stage, MapWithIndex):
+                    fn = stage.fn
+                    for done, record_id in enumerate(record_indices.tolist()):
+                        examples[done] = fn(record_id, examples[done])
                 elif isinstance(stage, RandomMap):
                     fn, rng = stage.fn, self._rngs[stage_position]
                     for done, record_id in enumerate(record_indices.tolist()):

@@ -6,6 +6,7 @@ never pickled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
+from resumax import shard_index
 from resumax.errors import DataSourceError, RecordDecodeError, RecordEncodeError
 
 _ARRAY_EXT = 1
@@ -89,30 +91,59 @@ def _as_bytes(example: Mapping[str, Any] | bytes) -> bytes:
     return example if isinstance(example, bytes) else encode(example)
 
 
+def _write_file(
+    partial_path: str,
+    final_path: str,
+    examples: Iterable[Mapping[str, Any] | bytes],
+    group_size: int,
+) -> int:
+    """Writes examples to `partial_path`; on any failure removes it and re-raises, a write error
+    (full disk, file size limit, permissions) as a DataSourceError naming `final_path`."""
+    writer = array_record_module.ArrayRecordWriter(partial_path, f"group_size:{group_size}")
+    count = 0
+    try:
+        if not writer.ok():
+            raise DataSourceError(
+                f"cannot open {partial_path!r} for writing {final_path!r} (permissions or disk?)"
+            )
+        try:
+            for example in examples:
+                writer.write(_as_bytes(example))
+                count += 1
+            writer.close()
+        except (RuntimeError, OSError) as error:
+            raise DataSourceError(
+                f"cannot write {final_path!r} (its partial file {partial_path!r} was removed): "
+                f"{error}. Is the disk full, or a file size limit (ulimit -f) reached?"
+            ) from error
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial_path)
+        raise
+    return count
+
+
 def write_array_record(
-    path: str | os.PathLike, examples: Iterable[Mapping[str, Any] | bytes], *, group_size: int = 1
+    path: str | bytes | os.PathLike,
+    examples: Iterable[Mapping[str, Any] | bytes],
+    *,
+    group_size: int = 1,
 ) -> int:
     """Writes examples (dicts, or already encoded bytes) to one ArrayRecord file; returns the count.
 
     The file is written beside its final name and renamed when complete, so a crash never leaves a
-    truncated file under that name; missing parent directories are created. group_size 1 keeps
-    random access fast.
+    truncated file under that name, and an error (an example that cannot be encoded, a full disk)
+    leaves no partial file; missing parent directories are created. group_size 1 keeps random
+    access fast.
     """
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     path = os.fsdecode(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial_path = f"{path}.partial"
-    writer = array_record_module.ArrayRecordWriter(partial_path, f"group_size:{group_size}")
-    if not writer.ok():
-        raise DataSourceError(f"cannot open {partial_path!r} for writing (permissions or disk?)")
-    count = 0
-    try:
-        for example in examples:
-            writer.write(_as_bytes(example))
-            count += 1
-    finally:
-        writer.close()
+    count = _write_file(partial_path, path, examples, group_size)
     os.replace(partial_path, path)
     return count
 
@@ -142,22 +173,49 @@ class ArrayRows(Sequence):
         return {name: array[index] for name, array in self._arrays.items()}
 
 
-def shard_paths(prefix: str | os.PathLike, num_shards: int) -> list[str]:
+def shard_paths(prefix: str | bytes | os.PathLike, num_shards: int) -> list[str]:
     """The file names `write_shards` uses: `prefix-00000-of-0000N.array_record`."""
     prefix = os.fsdecode(prefix)
     return [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
 
 
 def write_shards(
-    prefix: str | os.PathLike, examples: Sequence[Mapping[str, Any] | bytes], num_shards: int
+    prefix: str | bytes | os.PathLike,
+    examples: Sequence[Mapping[str, Any] | bytes],
+    num_shards: int,
 ) -> list[str]:
-    """Splits examples into `num_shards` contiguous, near-equal files; returns their paths."""
+    """Splits examples into `num_shards` contiguous, near-equal files; returns their paths.
+
+    All or nothing: every shard is written as a `.partial` file first and the set renamed into
+    place only once all are complete, followed by its index `prefix.index.json` (names, sizes,
+    record counts, content hashes: sources read it instead of opening the files). On an error
+    no partial file stays, and files of an earlier set with this prefix are left as they were.
+    """
     if not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
     if not isinstance(examples, Sequence):
         examples = list(examples)
     bounds = np.linspace(0, len(examples), num_shards + 1).astype(int)
     paths = shard_paths(prefix, num_shards)
-    for path, start, stop in zip(paths, bounds[:-1], bounds[1:], strict=True):
-        write_array_record(path, (examples[i] for i in range(start, stop)))
+    index = shard_index.index_path(os.fsdecode(prefix))
+    os.makedirs(os.path.dirname(index) or ".", exist_ok=True)
+    partials: list[str] = []
+    try:
+        entries = []
+        for path, start, stop in zip(paths, bounds[:-1], bounds[1:], strict=True):
+            partials.append(f"{path}.partial")
+            count = _write_file(partials[-1], path, (examples[i] for i in range(start, stop)), 1)
+            entries.append(shard_index.index_entry(partials[-1], os.path.basename(path), count))
+        partials.append(f"{index}.partial")
+        shard_index.write_index(partials[-1], entries)
+        # A set caught half renamed has no index yet, so nothing describes it as complete.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(index)
+        for partial, final in zip(partials, [*paths, index], strict=True):
+            os.replace(partial, final)
+    except BaseException:
+        for partial in partials:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+        raise
     return paths

@@ -1,4 +1,5 @@
-"""The stage types of a pipeline: per-record `Map`, `RandomMap` and `Filter`, per-batch `BatchMap`.
+"""The stage types of a pipeline: per-record `Map`, `MapWithIndex`, `RandomMap` and `Filter`,
+per-batch `BatchMap` and `Operator` (a bare nnx.Module); Grain transforms convert to these.
 
 A stage is a named pure function. `RandomMap` gets a numpy Generator keyed by (pipeline seed,
 stage position, epoch, record index), so its draws do not depend on batch size, workers or resume.
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from resumax.errors import ConfigError
 
@@ -26,6 +28,15 @@ class Map:
     """example -> example."""
 
     fn: Callable[[Any], Any]
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MapWithIndex:
+    """(index, example) -> example; index is the record's dataset index (`source[index]`), the
+    same in every epoch whatever the shuffle."""
+
+    fn: Callable[[int, Any], Any]
     name: str = ""
 
 
@@ -53,11 +64,50 @@ class BatchMap:
     name: str = ""
 
 
-Stage = Map | RandomMap | Filter | BatchMap
+@dataclasses.dataclass(frozen=True)
+class Operator(BatchMap):
+    """A bare `nnx.Module` called on whole batches (a Datarax operator); its nnx Variables are
+    part of the pipeline state (`resumax.operators`)."""
+
+
+Stage = Map | MapWithIndex | RandomMap | Filter | BatchMap
+
+# Grain transform base class -> (resumax stage type, method it calls).
+_GRAIN_TRANSFORMS = {
+    "Map": (Map, "map"),
+    "MapWithIndex": (MapWithIndex, "map_with_index"),
+    "RandomMap": (RandomMap, "random_map"),
+    "Filter": (Filter, "filter"),
+}
+
+
+def _from_grain(stage: Any, position: int) -> Stage | None:
+    """The resumax stage for a `grain.transforms` (or `grain.python`) object; None otherwise.
+
+    Found by base class name so that Grain is not imported to check.
+    """
+    for base in type(stage).__mro__:
+        if not base.__module__.startswith("grain."):
+            continue
+        name = type(stage).__name__
+        if base.__name__ in _GRAIN_TRANSFORMS:
+            kind, method = _GRAIN_TRANSFORMS[base.__name__]
+            return kind(getattr(stage, method), name=name)
+        if base.__name__ == "Batch":
+            raise ConfigError(
+                f"stage {position} is a Grain Batch ({stage!r}); resumax batches for you: pass "
+                "batch_size= (and drop_remainder=) to Pipeline instead"
+            )
+        raise ConfigError(
+            f"stage {position} is a Grain {base.__name__} ({name}), which resumax does not run; "
+            "use Map, MapWithIndex, RandomMap or Filter"
+        )
+    return None
 
 
 def as_stage(stage: Any, position: int) -> Stage:
-    """A stage from a stage object or a plain callable (a Map), named for error messages."""
+    """A stage from a stage object, a Grain transform, a bare nnx.Module (a batch-level
+    `Operator`) or a plain callable (a Map), named for error messages."""
     if isinstance(stage, Stage):
         fn = stage.predicate if isinstance(stage, Filter) else stage.fn
         if not callable(fn):
@@ -65,11 +115,18 @@ def as_stage(stage: Any, position: int) -> Stage:
                 f"stage {position} ({type(stage).__name__}) wraps {fn!r}, not a callable"
             )
         return stage if stage.name else dataclasses.replace(stage, name=_name_of(fn))
+    grain_stage = _from_grain(stage, position)
+    if grain_stage is not None:
+        return grain_stage
+    if isinstance(stage, nnx.Module):
+        if not callable(stage):
+            raise ConfigError(f"stage {position} is an nnx.Module ({stage!r}) without __call__")
+        return Operator(stage, name=type(stage).__name__)
     if callable(stage):
         return Map(stage, name=_name_of(stage))
     raise ConfigError(
         f"stage {position} is {stage!r}; a stage is a callable "
-        "or a Map, RandomMap, Filter or BatchMap"
+        "or a Map, MapWithIndex, RandomMap, Filter, BatchMap, Grain transform or nnx.Module"
     )
 
 

@@ -1,113 +1,184 @@
 """`ArrayRecordSourceModule`: records from ArrayRecord files, read through per-file readers.
 
 Reads use per-record range reads `reader.read(i, i + 1)` on readers opened for random access, which
-cost the same few microseconds whatever the file size or shard count (see REFERENCE.md).
+cost the same few microseconds whatever the file size or shard count (see REFERENCE.md). Readers
+are opened on demand from a bounded pool (`resumax.sources.readers`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import functools
 import glob
+import hashlib
+import json
+import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from array_record.python import array_record_module
 from flax import nnx
 
-from resumax import records
-from resumax.errors import DataSourceError, RecordDecodeError
-from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
+from resumax import records, shard_index
+from resumax.errors import (
+    ConfigError,
+    DataFileNotFoundError,
+    DataSourceError,
+    RecordDecodeError,
+    StateMismatchError,
+)
+from resumax.sources.base import ArrayRecordSourceConfig, RecordSource
+from resumax.sources.readers import (
+    ArrayRecordFiles,
+    FileIdentity,
+    default_max_open_files,
+    file_identity,
+    open_reader,
+    stat_data_file,
+)
 
-_RANDOM_ACCESS_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 _GLOB_CHARACTERS = frozenset("*?[")
+logger = logging.getLogger("resumax")
 
-PathsLike = str | bytes | os.PathLike | Sequence[str | bytes | os.PathLike]
-_PATH_TYPES = (str, bytes, os.PathLike)
+PathLike = str | bytes | os.PathLike
+PathsLike = PathLike | Sequence[PathLike]
+
+
+def _expand(pattern: str) -> list[str]:
+    """An existing path as it is; otherwise the sorted matches of the glob (never an index file).
+
+    A directory part that exists literally (`run[1]/`) is taken literally too, so only the
+    pattern's remaining part is expanded.
+    """
+    if os.path.exists(pattern) or not _GLOB_CHARACTERS.intersection(pattern):
+        return [pattern]
+    directory, name = os.path.split(pattern)
+    if not _GLOB_CHARACTERS.intersection(directory) or os.path.isdir(directory):
+        matches = _match_in(directory, name)
+    else:
+        matches = sorted(path for path in glob.glob(pattern) if not shard_index.is_index_file(path))
+    if not matches:
+        raise DataFileNotFoundError(f"the glob {pattern!r} matches no file")
+    shard_index.check_complete_sets(matches, pattern)
+    return matches
+
+
+def _match_in(directory: str, name_pattern: str) -> list[str]:
+    """Sorted files of one literal directory whose names match, as glob would (no hidden files
+    unless the pattern starts with a dot), in one listing: fast for 10^5 shards."""
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return []
+    if not name_pattern.startswith("."):
+        names = [name for name in names if not name.startswith(".")]
+    prefix = os.path.join(directory, "")
+    matches = sorted(fnmatch.filter(names, name_pattern))
+    return [prefix + name for name in matches if not shard_index.is_index_file(name)]
 
 
 def resolve_paths(paths: PathsLike) -> list[str]:
-    """Expands one path, a glob or a list of either into a list of files; globs are sorted.
+    """Expands one path, a glob or a list of either (str, bytes or os.PathLike) into files.
 
-    Paths may be str, bytes (decoded as the OS does, `os.fsdecode`) or path-like objects.
+    A path that exists is taken literally even when it holds glob characters (`run[1]/x`); only
+    patterns that match no existing file are expanded, and their matches sorted.
     """
-    if isinstance(paths, _PATH_TYPES):
+    if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
-    if (
-        not isinstance(paths, Sequence)
-        or not paths
-        or not all(isinstance(path, _PATH_TYPES) for path in paths)
-    ):
+    if not isinstance(paths, Sequence) or not paths:
         raise DataSourceError(
             f"paths must be a path, a glob or a non-empty list of them, got {paths!r}"
         )
     files: list[str] = []
-    for pattern in map(os.fsdecode, paths):
-        if _GLOB_CHARACTERS.intersection(pattern):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise DataSourceError(f"the glob {pattern!r} matches no file")
-            files.extend(matches)
-        else:
-            files.append(pattern)
+    for path in paths:
+        try:
+            pattern = os.fsdecode(path)
+        except TypeError:
+            raise DataSourceError(
+                f"a data path must be a str, bytes or os.PathLike, got {path!r}"
+            ) from None
+        files.extend(_expand(pattern))
     return files
 
 
-def open_reader(path: str) -> Any:
-    """Opens one ArrayRecord file for random access, or raises DataSourceError naming it."""
-    if not os.path.exists(path):
-        raise DataSourceError(f"data file {path!r} does not exist")
-    if os.path.isdir(path):
-        raise DataSourceError(
-            f"data path {path!r} is a directory; pass files or a glob such as {path}/*"
-        )
-    if os.path.getsize(path) == 0:
-        raise DataSourceError(
-            f"data file {path!r} is empty (0 bytes); it is not an ArrayRecord file"
-        )
-    try:
-        reader = array_record_module.ArrayRecordReader(path, _RANDOM_ACCESS_OPTIONS)
-    except Exception as error:
-        raise DataSourceError(f"cannot open ArrayRecord file {path!r}: {error}") from error
-    if not reader.ok():
-        raise DataSourceError(
-            f"data file {path!r} is not a valid ArrayRecord file (corrupt or truncated)"
-        )
-    return reader
+@dataclasses.dataclass(frozen=True)
+class ResolvedFiles:
+    """A source's files as its process found them: what workers open, never resolving again.
+
+    paths are absolute; identities and record counts are those the parent saw.
+    """
+
+    paths: tuple[str, ...]
+    identities: tuple[FileIdentity, ...]
+    counts: tuple[int, ...]
+    fingerprint: str
+    # Files the shard index did not describe: "name: why; it has N records".
+    stale: tuple[str, ...] = ()
 
 
-class ArrayRecordFiles:
-    """Open readers over a list of files, addressed by one global record index."""
+def files_fingerprint(names: Sequence[str], counts: Sequence[int], hashes: Sequence[str]) -> str:
+    """A short hash of the files' names, record counts and content hashes: identifies the
+    records, not where the files live, so a moved or renamed directory keeps it."""
+    payload = json.dumps([list(names), [int(count) for count in counts], list(hashes)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
-        self.readers = [open_reader(path) for path in paths]
-        self.counts = [reader.num_records() for reader in self.readers]
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
-    def locate(self, record_index: int) -> tuple[str, int]:
-        """(file path, index within that file) of a global record index."""
-        file_id = int(np.searchsorted(self.starts, record_index, side="right") - 1)
-        return self.paths[file_id], record_index - int(self.starts[file_id])
+def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> ResolvedFiles:
+    """Finds, checks and identifies a source's files; opens only those no index describes.
 
-    def read(self, record_indices: np.ndarray) -> list[bytes]:
-        """Raw bytes of the records at the given global indices, by per-record range reads."""
-        if len(self.readers) == 1:
-            read = self.readers[0].read
-            return [read(i, i + 1)[0] for i in record_indices.tolist()]
-        file_ids = np.searchsorted(self.starts, record_indices, side="right") - 1
-        local_indices = record_indices - self.starts[file_ids]
-        readers = self.readers
-        return [
-            readers[f].read(i, i + 1)[0]
-            for f, i in zip(file_ids.tolist(), local_indices.tolist(), strict=True)
-        ]
-
-    def close(self) -> None:
-        for reader in self.readers:
+    Record counts and content hashes come from the shard index `write_shards` writes beside a
+    set, or from a TFDS `dataset_info.json` (`shardLengths`; TFDS stores no hash, so such a
+    file's fingerprint part is its size); other files are opened once to count and hashed with
+    `shard_index.content_hash`. Which files were opened, and why, is logged or warned.
+    """
+    names = resolve_paths(paths)
+    absolute = [path if os.path.isabs(path) else os.path.abspath(path) for path in names]
+    stats = [stat_data_file(path) for path in names]
+    lookup = shard_index.look_up(absolute, stats)
+    counts, hashes, stale = [], [], []
+    for path, stat in zip(absolute, stats, strict=True):
+        known = lookup.known.get(path)
+        if known is None:
+            reader = open_reader(path, file_identity(stat), max_open_files)
+            known = (reader.num_records(), shard_index.content_hash(path))
             reader.close()
-        self.readers = []
+        if path in lookup.stale:
+            name, why = os.path.basename(path), lookup.stale[path]
+            stale.append(f"{name}: {why}; it has {known[0]} records")
+        counts.append(known[0])
+        hashes.append(known[1] or f"size:{stat.st_size}")
+    _report_opened(absolute, lookup, stale)
+    base_names = [path.rpartition(os.sep)[2] for path in absolute]
+    return ResolvedFiles(
+        paths=tuple(absolute),
+        identities=tuple(map(file_identity, stats)),
+        counts=tuple(counts),
+        fingerprint=files_fingerprint(base_names, counts, hashes),
+        stale=tuple(stale),
+    )
+
+
+def _report_opened(paths: list[str], lookup: shard_index.Lookup, stale: list[str]) -> None:
+    if stale:
+        shown = " | ".join(stale[:3])
+        more = f" (and {len(stale) - 3} more)" if len(stale) > 3 else ""
+        warnings.warn(
+            f"{len(stale)} data file(s) differ from their shard index, so they were opened to "
+            f"count and hash their records: {shown}{more}",
+            stacklevel=4,
+        )
+    unindexed = len(paths) - len(lookup.known) - len(lookup.stale)
+    if unindexed:
+        logger.info(
+            "no shard index describes %d of %d data file(s) (e.g. %s): opened them to count and "
+            "hash their records",
+            unindexed,
+            len(paths),
+            next(path for path in paths if path not in lookup.known and path not in lookup.stale),
+        )
 
 
 class ArrayRecordSourceModule(RecordSource):
@@ -115,40 +186,72 @@ class ArrayRecordSourceModule(RecordSource):
 
     Args:
       config: seed, num_epochs and shuffle_files (`ArrayRecordSourceConfig`).
-      paths: a path, a glob, or a list of paths/globs; globs are expanded and sorted.
+      paths: a path, a glob, or a list of paths/globs (str, bytes or os.PathLike). A path that
+        exists is taken literally; other globs are expanded and sorted, and must match whole
+        `-NNNNN-of-MMMMM` shard sets.
       rngs: accepted for Datarax compatibility; the order depends on `config.seed` alone, so that
         it is a pure function of (seed, epoch, position).
       decode: bytes -> example; defaults to `resumax.records.decode`.
+      max_open_files: most files this process keeps open at once (readers are opened on demand
+        and the least recently used closed); None: 1/8 of the process's `ulimit -n` (128 under
+        1024), between 16 and 4096. Each worker process has its own pool. Shuffled reading over
+        more files than this reopens files (tens of microseconds each).
+
+    The fingerprint hashes each file's name, record count and content hash (see
+    `resolve_files`): a regenerated shard changes it, a moved directory does not. Every file
+    opened later, in this process or a worker, must still be the file seen here.
     """
 
     def __init__(
         self,
         config: ArrayRecordSourceConfig,
-        paths: PathsLike,
+        paths: PathsLike | ResolvedFiles,
         *,
         rngs: nnx.Rngs | None = None,
         decode: Callable[[bytes], Any] | None = None,
+        max_open_files: int | None = None,
     ):
-        self.paths = resolve_paths(paths)
-        self._files = ArrayRecordFiles(self.paths)
-        total = sum(self._files.counts)
+        if max_open_files is None:
+            max_open_files = default_max_open_files()
+        if (
+            not isinstance(max_open_files, int)
+            or isinstance(max_open_files, bool)
+            or max_open_files < 1
+        ):
+            raise ConfigError(f"max_open_files must be None or an int >= 1, got {max_open_files!r}")
+        if not isinstance(paths, ResolvedFiles):
+            paths = resolve_files(paths, max_open_files)
+        self._resolved = paths
+        self.paths = list(paths.paths)
+        self.max_open_files = max_open_files
+        self._files = ArrayRecordFiles(paths.paths, paths.counts, paths.identities, max_open_files)
+        total = sum(paths.counts)
         if total == 0:
             raise DataSourceError(f"the data files {self.paths} hold no records")
         self._decode = decode or records.decode
-        names = [os.path.basename(path) for path in self.paths]
-        super().__init__(
-            config,
-            records_per_epoch=int(total),
-            fingerprint=fingerprint(list(zip(names, self._files.counts, strict=True))),
-        )
+        super().__init__(config, records_per_epoch=int(total), fingerprint=paths.fingerprint)
+
+    @property
+    def batch_decodable(self) -> bool:
+        """True when the records use resumax's codec (the default decode), so that a span of
+        them can be decoded at once (`resumax.batch_decode`)."""
+        return self._decode is records.decode
+
+    def read_raw(self, record_indices: Sequence[int]) -> list[bytes]:
+        """Undecoded bytes of the records at the given dataset indices, in that order."""
+        self.check_open()
+        record_indices = np.asarray(record_indices, dtype=np.int64)
+        try:
+            return self._files.read(record_indices)
+        except DataSourceError:
+            raise
+        except Exception as error:
+            raise self._read_error(record_indices, error) from error
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """Decoded records at the given dataset indices, in that order."""
         record_indices = np.asarray(record_indices, dtype=np.int64)
-        try:
-            raw = self._files.read(record_indices)
-        except Exception as error:
-            raise self._read_error(record_indices, error) from error
+        raw = self.read_raw(record_indices)
         decode = self._decode
         try:
             return [decode(data) for data in raw]
@@ -156,10 +259,27 @@ class ArrayRecordSourceModule(RecordSource):
             raise self._decode_error(record_indices, raw, error) from error
 
     def reopener(self) -> Callable[[], ArrayRecordSourceModule]:
-        """Opens the same files (by absolute path) with the same config and decode, e.g. in a
-        worker process."""
-        paths = [os.path.abspath(path) for path in self.paths]
-        return functools.partial(ArrayRecordSourceModule, self.config, paths, decode=self._decode)
+        """Opens exactly the files this source resolved (no glob again, no count, no hash) with
+        the same config, decode and max_open_files, e.g. in a worker process; each file is
+        checked to be the one this process saw when it is opened."""
+        return functools.partial(
+            ArrayRecordSourceModule,
+            self.config,
+            self._resolved,
+            decode=self._decode,
+            max_open_files=self.max_open_files,
+        )
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """`RecordSource.set_state`; a changed record count also names the files that differ
+        from their shard index, when an index tells which."""
+        try:
+            super().set_state(state)
+        except StateMismatchError as error:
+            if "'num_records'" not in str(error) or not self._resolved.stale:
+                raise
+            changed = " | ".join(self._resolved.stale[:3])
+            raise StateMismatchError(f"{error}. Changed since indexed: {changed}") from error
 
     def _read_error(self, record_indices: np.ndarray, error: Exception) -> DataSourceError:
         """Names the first record of a failed batch read that cannot be read on its own."""
@@ -186,5 +306,6 @@ class ArrayRecordSourceModule(RecordSource):
         return RecordDecodeError(f"records of {self.paths} cannot be decoded: {error}")
 
     def close(self) -> None:
-        """Closes the file readers; the source cannot read afterwards."""
+        """Closes the open file readers; a later read opens them again."""
         self._files.close()
+        super().close()

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from resumax import order
-from resumax.errors import ConfigError, StateMismatchError
+from resumax.errors import ConfigError, DataSourceError, StateMismatchError
 
 STATE_VERSION = 1
 # Positions whose order is computed together: large enough to amortise numpy call overhead,
@@ -123,9 +123,19 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         self.current_epoch = DataPosition(0)
         self.current_index = DataPosition(0)
         self._order_cache = _OrderBlockCache()
+        self._closed = False
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """Decoded records at the given dataset indices, in that order."""
+        raise NotImplementedError
+
+    @property
+    def batch_decodable(self) -> bool:
+        """True when `read_raw` gives records in resumax's codec (`resumax.records.decode`)."""
+        return False
+
+    def read_raw(self, record_indices: Sequence[int]) -> list[bytes]:
+        """Undecoded bytes of the records at the given dataset indices, for sources of bytes."""
         raise NotImplementedError
 
     def reopener(self) -> Callable[[], RecordSource]:
@@ -142,6 +152,26 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
     def __len__(self) -> int:
         return self.records_per_epoch
 
+    # Lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Releases what the source holds open; reading afterwards raises DataSourceError."""
+        self._closed = True
+
+    def check_open(self) -> None:
+        """Raises DataSourceError if `close()` was called (subclasses call it before reading)."""
+        if self._closed:
+            raise DataSourceError(
+                f"this {type(self).__name__} is closed (by close() or the end of a `with` block); "
+                "open a new source to read again"
+            )
+
+    def __enter__(self) -> RecordSource:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     def __getitem__(self, index: int) -> Any:
         if not -self.records_per_epoch <= index < self.records_per_epoch:
             raise IndexError(f"record index {index} out of range for {self.records_per_epoch}")
@@ -156,8 +186,9 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
 
     def seek(self, epoch: int, index: int) -> None:
         """Moves to (epoch, index); an index at the end of an epoch is the start of the next."""
-        epoch += index // self.records_per_epoch
-        self.current_epoch.set_value(int(epoch))
+        epoch = int(epoch + index // self.records_per_epoch)
+        if self.current_epoch.get_value() != epoch:  # nnx set_value: tens of us; get_value: a few
+            self.current_epoch.set_value(epoch)
         self.current_index.set_value(int(index % self.records_per_epoch))
 
     def finished(self, epoch: int) -> bool:
@@ -227,7 +258,9 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         missing = sorted(set(expected) - set(state))
         if missing:
             raise StateMismatchError(f"source state lacks the field(s) {missing}; got {state!r}")
-        for field in ("version", "fingerprint", "num_records", "seed", "shuffle"):
+        # num_records before fingerprint: records added to a file change both, and the count
+        # is the more telling of the two.
+        for field in ("version", "num_records", "fingerprint", "seed", "shuffle"):
             if state[field] != expected[field] or type(state[field]) is not type(expected[field]):
                 raise StateMismatchError(
                     f"source state field {field!r} is {state[field]!r} but this source has "

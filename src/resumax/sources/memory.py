@@ -49,5 +49,6 @@ class MemorySource(RecordSource):
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
         """The examples at the given indices, in that order."""
+        self.check_open()
         items = self._examples.items
         return [items[int(i)] for i in record_indices]

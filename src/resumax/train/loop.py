@@ -76,6 +76,31 @@ def build_source(
         ) from error
 
 
+def prepare_data(data: DataConfig) -> None:
+    """Writes the data set `data.prepare` names if its directory is missing.
+
+    One process prepares the data; the others wait for the atomic rename.
+    """
+    if jax.process_index() == 0 and data.prepare == "digits" and prepare_digits(data.dir):
+        print(f"prepared the digits data set in {data.dir}", flush=True)
+    distributed.barrier("resumax: data prepared")
+
+
+def build_train_pipeline(data: DataConfig, mesh: jax.sharding.Mesh) -> Pipeline:
+    """The training pipeline of a config: its source, `features`, batches split over `mesh`.
+
+    Data parallel over every device of every process: each process reads its slice of the
+    global batch, which arrives as one jax.Array split along the batch axis.
+    """
+    return Pipeline(
+        source=build_source(data, data.train_paths),
+        stages=[features],
+        batch_size=data.batch_size,
+        rngs=data.seed,
+        sharding=distributed.batch_sharding(mesh),
+    )
+
+
 def build_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
     """`optax.<name>` with the configured schedule; weight decay is passed to optimizers that
     take it (decoupled, e.g. adamw) and otherwise added to the gradient (`add_decayed_weights`)."""
@@ -177,22 +202,10 @@ class _Run:
     def __init__(self, config: Config):
         self.config = config
         data, train = config.data, config.train
-        # One process prepares the data; the others wait for the atomic rename.
-        if jax.process_index() == 0 and data.prepare == "digits" and prepare_digits(data.dir):
-            print(f"prepared the digits data set in {data.dir}", flush=True)
-        distributed.barrier("resumax: data prepared")
-        source = build_source(data, data.train_paths)
-        image_shape = source[0]["image"].shape
-        # Data parallel over every device of every process: each process reads its slice of the
-        # global batch, which arrives as one jax.Array split along the batch axis.
+        prepare_data(data)
         mesh = distributed.data_parallel_mesh()
-        self.pipeline = Pipeline(
-            source=source,
-            stages=[features],
-            batch_size=data.batch_size,
-            rngs=data.seed,
-            sharding=distributed.batch_sharding(mesh),
-        )
+        self.pipeline = build_train_pipeline(data, mesh)
+        image_shape = self.pipeline.source[0]["image"].shape
         # Every process evaluates the whole test split, so eval batches are replicated.
         self.eval_pipeline = Pipeline(
             source=build_source(data, data.test_paths, evaluation=True),

@@ -1,0 +1,246 @@
+"""Shard sets and their index: `-NNNNN-of-MMMMM` completeness, per-file content hashes, and the
+small JSON index `write_shards` puts beside a set so that a source learns it without opening files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from resumax.errors import DataSourceError
+
+INDEX_SUFFIX = ".index.json"
+INDEX_FORMAT = "resumax-shard-index"
+INDEX_VERSION = 1
+TFDS_INFO = "dataset_info.json"
+
+logger = logging.getLogger("resumax")
+
+# `train-00001-of-00003.array_record` (write_shards) and `mnist-train.array_record-00001-of-00003`
+# (TFDS): a stem, the shard number, the shard count and an optional extension.
+# Matched from the name's end only: a pattern with a leading `.+` backtracks over every name.
+_SHARD_TAIL = re.compile(r"-(\d+)-of-(\d+)((?:\.\w+)*)$")
+# Bytes of a file that `content_hash` reads: its head, its tail (the ArrayRecord footer, which
+# lists every chunk's offset, and the postscript) and evenly spaced samples in between.
+_HEAD, _TAIL, _SAMPLE, _SAMPLES = 64 * 1024, 128 * 1024, 4 * 1024, 16
+
+
+class ShardName(NamedTuple):
+    """A file name split as `<stem>-<index>-of-<total><suffix>`."""
+
+    stem: str
+    index: int
+    total: int
+    width: int
+    suffix: str
+
+    @staticmethod
+    def parse(name: str) -> ShardName | None:
+        return _parse_shard_name(name)
+
+    def sibling(self, index: int) -> str:
+        """The name of shard `index` of the same set."""
+        return f"{self.stem}-{index:0{self.width}d}-of-{self.total:0{self.width}d}{self.suffix}"
+
+
+# Cached: a glob's completeness check and the index lookup parse the same names.
+@functools.lru_cache(maxsize=1 << 17)
+def _parse_shard_name(name: str) -> ShardName | None:
+    match = _SHARD_TAIL.search(name)
+    if match is None or match.start() == 0:
+        return None
+    index, total, suffix = match.groups()
+    return ShardName(name[: match.start()], int(index), int(total), len(index), suffix)
+
+
+# (directory, stem, suffix) -> the (position in the path list, parsed name) of its files.
+ShardSets = dict[tuple[str, str, str], list[tuple[int, ShardName]]]
+
+
+def shard_sets(paths: Sequence[str]) -> ShardSets:
+    """The files of `paths` named `<stem>-NNNNN-of-MMMMM<suffix>`, grouped by directory, stem and
+    suffix."""
+    sets: ShardSets = {}
+    for position, path in enumerate(paths):
+        directory, _, name = path.rpartition(os.sep)
+        shard = ShardName.parse(name)
+        if shard is not None:
+            sets.setdefault((directory, shard.stem, shard.suffix), []).append((position, shard))
+    return sets
+
+
+def is_index_file(path: str) -> bool:
+    """True for a shard index; globs over a data directory skip these."""
+    return path.endswith(INDEX_SUFFIX)
+
+
+def index_path(stem_path: str) -> str:
+    """Where the index of the shard set `<stem_path>-NNNNN-of-MMMMM...` lives."""
+    return f"{stem_path}{INDEX_SUFFIX}"
+
+
+def check_complete_sets(paths: Sequence[str], pattern: str) -> None:
+    """Raises DataSourceError when the files a glob `pattern` matched hold only part of a
+    `-NNNNN-of-MMMMM` shard set.
+
+    A set is the files of one directory with the same stem and extension; it must hold every
+    shard 0..M-1 of a single M, so that an interrupted write or a too narrow glob is never
+    read as if it were the whole dataset.
+    """
+    for (directory, stem, suffix), members in shard_sets(paths).items():
+        where = os.path.join(directory, f"{stem}-*-of-*{suffix}")
+        totals = sorted({shard.total for _, shard in members})
+        if len(totals) > 1:
+            raise DataSourceError(
+                f"the glob {pattern!r} mixes shard sets {where!r} of {totals} shards; "
+                "remove the stale set or use a glob that matches one set"
+            )
+        present = {shard.index for _, shard in members}
+        shard = members[0][1]
+        missing = [index for index in range(shard.total) if index not in present]
+        if missing:
+            names = [shard.sibling(index) for index in missing[:5]]
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DataSourceError(
+                f"the glob {pattern!r} matches an incomplete shard set: {len(present)} of "
+                f"{shard.total} shards of {where!r}; missing {names}{more} in "
+                f"{directory or '.'!r}. An interrupted write or a narrow glob leaves such a set: "
+                "write the set again, widen the glob, or list the files you mean one by one"
+            )
+
+
+def content_hash(path: str) -> str:
+    """A SHA-256 of a file's size, head, tail (ArrayRecord footer) and 16 samples in between.
+
+    Reads at most 256 KiB whatever the file size (files up to that size are hashed whole), so
+    it is cheap, yet a file re-encoded or regenerated with other records changes it: the footer
+    holds every record chunk's offset. A change confined to unsampled middle bytes that keeps
+    every record size is not seen.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        if size <= _HEAD + _TAIL + _SAMPLES * _SAMPLE:
+            digest.update(file.read())
+        else:
+            digest.update(file.read(_HEAD))
+            span = size - _HEAD - _TAIL - _SAMPLE
+            for sample in range(_SAMPLES):
+                file.seek(_HEAD + span * sample // (_SAMPLES - 1))
+                digest.update(file.read(_SAMPLE))
+            file.seek(size - _TAIL)
+            digest.update(file.read(_TAIL))
+    return digest.hexdigest()[:32]
+
+
+def index_entry(path: str, name: str, num_records: int) -> tuple[str, int, int, int, str]:
+    """(name, record count, size, mtime_ns, content hash) of one written shard (`path` may be its
+    `.partial` file: a rename keeps size and mtime)."""
+    stat = os.stat(path)
+    return name, int(num_records), stat.st_size, stat.st_mtime_ns, content_hash(path)
+
+
+_COLUMNS = ("names", "num_records", "sizes", "mtime_ns", "content_hashes")
+
+
+def write_index(path: str, entries: Sequence[tuple[str, int, int, int, str]]) -> None:
+    """Writes an index file at `path`: JSON with one list per column (fast to load for 10^5
+    shards), in the order of `index_entry`'s fields."""
+    payload: dict = {"format": INDEX_FORMAT, "version": INDEX_VERSION}
+    for position, column in enumerate(_COLUMNS):
+        payload[column] = [entry[position] for entry in entries]
+    with open(path, "w") as file:
+        json.dump(payload, file, separators=(",", ":"))
+
+
+# What an index or TFDS's `dataset_info.json` says about one file: (record count, content hash);
+# the hash is None for TFDS shards (TFDS stores none; the fingerprint uses the size).
+KnownFile = tuple[int, str | None]
+
+
+@dataclasses.dataclass
+class Lookup:
+    """Per path, what is known without opening it, and why the rest must be opened."""
+
+    known: dict[str, KnownFile] = dataclasses.field(default_factory=dict)
+    # path -> why its index entry cannot be used (it differs from the file).
+    stale: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def look_up(paths: Sequence[str], stats: Sequence[os.stat_result]) -> Lookup:
+    """Record counts and content hashes of files that a shard index or TFDS info describes.
+
+    A file is taken from an index when its name, size and modification time (ns) match its entry;
+    from a TFDS `dataset_info.json` when its split's `shardLengths` has one count per shard.
+    """
+    lookup = Lookup()
+    for (directory, stem, _), members in shard_sets(paths).items():
+        stem_path = os.path.join(directory, stem)
+        members = [(paths[position], stats[position], shard) for position, shard in members]
+        if os.path.exists(index_path(stem_path)):
+            _from_index(index_path(stem_path), members, lookup)
+        elif os.path.exists(os.path.join(directory, TFDS_INFO)):
+            _from_tfds_info(os.path.join(directory, TFDS_INFO), stem, members, lookup)
+    return lookup
+
+
+_Members = Sequence[tuple[str, os.stat_result, ShardName]]
+
+
+def _from_index(path: str, members: _Members, lookup: Lookup) -> None:
+    try:
+        with open(path) as file:
+            payload = json.load(file)
+        if payload.get("format") != INDEX_FORMAT or payload.get("version") != INDEX_VERSION:
+            raise ValueError(f"not a {INDEX_FORMAT} version {INDEX_VERSION}")
+        _, counts, sizes, mtimes, hashes = (payload[column] for column in _COLUMNS)
+        if len({len(payload[column]) for column in _COLUMNS}) != 1:
+            raise ValueError("its columns differ in length")
+        if not all(type(count) is int and count >= 0 for count in counts):
+            raise ValueError("its record counts must be ints >= 0")
+        rows = {name: row for row, name in enumerate(payload["names"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        for member, _, _ in members:
+            lookup.stale[member] = f"the shard index {path!r} cannot be read ({error})"
+        return
+    known = lookup.known
+    for member, stat, _ in members:
+        row = rows.get(member.rpartition(os.sep)[2])
+        if row is None:
+            lookup.stale[member] = f"{path!r} has no entry for it"
+            continue
+        num_records, size, mtime_ns = counts[row], sizes[row], mtimes[row]
+        if size == stat.st_size and mtime_ns == stat.st_mtime_ns:
+            known[member] = (num_records, hashes[row])
+        else:
+            lookup.stale[member] = (
+                f"it has {stat.st_size} bytes, modified at {stat.st_mtime_ns} ns, where "
+                f"{path!r} says {size} bytes at {mtime_ns} ns ({num_records} records)"
+            )
+
+
+def _from_tfds_info(path: str, stem: str, members: _Members, lookup: Lookup) -> None:
+    try:
+        with open(path) as file:
+            info = json.load(file)
+        lengths = {
+            f"{info['name']}-{split['name']}.array_record": split.get("shardLengths")
+            for split in info.get("splits", [])
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.info("cannot use %s (%s): opening the files", path, error)
+        return
+    shard_lengths = lengths.get(stem)
+    for member, _, shard in members:
+        if shard_lengths is None or len(shard_lengths) != shard.total:
+            lookup.stale[member] = f"{path!r} lists no {shard.total} shard lengths for {stem!r}"
+        else:
+            lookup.known[member] = (int(shard_lengths[shard.index]), None)

@@ -1,0 +1,226 @@
+"""`ArrayRecordFiles`: records of many ArrayRecord files by one global index, read through a bounded
+pool of readers opened on demand, each checked to be the very file the source was built on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import stat as stat_module
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from array_record.python import array_record_module
+
+from resumax.errors import DataFileNotFoundError, DataSourceError
+
+# The default pool is this fraction of the process's open-file limit (128 under `ulimit -n 1024`,
+# leaving room for everything else the process opens), within these bounds.
+_LIMIT_FRACTION, _MIN_DEFAULT, _MAX_DEFAULT = 8, 16, 4096
+_RANDOM_ACCESS_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
+
+
+def default_max_open_files() -> int:
+    """Readers a source keeps open by default: 1/8 of this process's `ulimit -n` (128 under
+    1024), between 16 and 4096. Each worker process has its own pool and its own limit."""
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_limit == resource.RLIM_INFINITY:
+        return _MAX_DEFAULT
+    return max(_MIN_DEFAULT, min(_MAX_DEFAULT, soft_limit // _LIMIT_FRACTION))
+
+
+# Which file a path named when the source was built, as (size, mtime_ns, inode, device): a rewrite
+# or a replacement changes it. Plain tuples: a source over 10^5 files builds one per file.
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(stat: os.stat_result) -> FileIdentity:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev
+
+
+def _describe(identity: FileIdentity) -> str:
+    size, mtime_ns, inode, device = identity
+    return f"{size} bytes, mtime_ns {mtime_ns}, inode {inode} on device {device}"
+
+
+def os_refusal(path: str, error: OSError, max_open_files: int | None = None) -> DataSourceError:
+    """A DataSourceError saying that the OS refused `path`, why, and what to do about it."""
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        pool = f" (now {max_open_files})" if max_open_files is not None else ""
+        return DataSourceError(
+            f"cannot open {path!r}: the operating system refused to open another file "
+            f"({error.strerror}); raise the open-file limit (`ulimit -n`) or lower the source's "
+            f"max_open_files{pool}"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return DataSourceError(
+            f"cannot open {path!r}: permission denied ({error.strerror}); fix the permissions of "
+            "the file and its directories, or run as a user who may read them"
+        )
+    return DataSourceError(f"cannot open {path!r}: {error.strerror or error}")
+
+
+def stat_data_file(path: str) -> os.stat_result:
+    """os.stat of a data file, or DataSourceError naming it when it is missing, a directory or
+    empty."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise DataFileNotFoundError(f"data file {path!r} does not exist") from None
+    except OSError as error:
+        raise os_refusal(path, error) from error
+    if stat_module.S_ISDIR(stat.st_mode):
+        raise DataSourceError(
+            f"data path {path!r} is a directory; pass files or a glob such as "
+            f"{os.path.join(path, '*.array_record')}"
+        )
+    if stat.st_size == 0:
+        raise DataSourceError(
+            f"data file {path!r} is empty (0 bytes); it is not an ArrayRecord file"
+        )
+    return stat
+
+
+def open_reader(
+    path: str, identity: FileIdentity | None = None, max_open_files: int | None = None
+) -> Any:
+    """Opens one ArrayRecord file for random access, or raises DataSourceError naming it.
+
+    With `identity`, the file must still be the one it describes (same size, modification time
+    and inode): a file regenerated since the source was built is refused, in every process.
+    When the OS refuses the file (too many open files, permissions) the error says so.
+    """
+    try:
+        found = file_identity(os.stat(path))
+    except FileNotFoundError:
+        raise DataFileNotFoundError(f"data file {path!r} does not exist (any more)") from None
+    except OSError as error:
+        raise os_refusal(path, error, max_open_files) from error
+    if identity is not None and found != identity:
+        raise DataSourceError(
+            f"data file {path!r} changed since the source was opened ({_describe(identity)} "
+            f"then, {_describe(found)} now): it was rewritten or replaced while in use; rebuild "
+            "the source (or restart) once the files are final"
+        )
+    try:
+        reader = array_record_module.ArrayRecordReader(path, _RANDOM_ACCESS_OPTIONS)
+    except Exception as error:
+        _raise_if_os_refuses(path, max_open_files)
+        raise DataSourceError(f"cannot open ArrayRecord file {path!r}: {error}") from error
+    if not reader.ok():
+        _raise_if_os_refuses(path, max_open_files)
+        raise DataSourceError(
+            f"data file {path!r} is not a valid ArrayRecord file (corrupt or truncated)"
+        )
+    return reader
+
+
+def _raise_if_os_refuses(path: str, max_open_files: int | None) -> None:
+    """After a failed open: raises the OS's reason (too many open files, permissions) if the
+    file cannot be opened at all, so that it is not mistaken for a corrupt file."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as error:
+        raise os_refusal(path, error, max_open_files) from error
+
+
+class ReaderPool:
+    """At most `max_open_files` open readers, opened on demand, least recently used closed first.
+
+    Thread-safe: a pipeline's prefetch thread and the caller may read at the same time.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        identities: Sequence[FileIdentity],
+        counts: Sequence[int],
+        max_open_files: int,
+    ):
+        self.paths, self.identities, self.counts = paths, identities, counts
+        self.max_open_files = max_open_files
+        self.lock = threading.Lock()
+        self._open: OrderedDict[int, Any] = OrderedDict()
+
+    def get(self, file_id: int) -> Any:
+        """The reader of file `file_id`; call with `lock` held."""
+        reader = self._open.get(file_id)
+        if reader is not None:
+            self._open.move_to_end(file_id)
+            return reader
+        while len(self._open) >= self.max_open_files:
+            self._open.popitem(last=False)[1].close()
+        path = self.paths[file_id]
+        reader = open_reader(path, self.identities[file_id], self.max_open_files)
+        if reader.num_records() != self.counts[file_id]:
+            found = reader.num_records()
+            reader.close()
+            raise DataSourceError(
+                f"data file {path!r} holds {found} records where the source counted "
+                f"{self.counts[file_id]}; the file changed: rebuild the source"
+            )
+        self._open[file_id] = reader
+        return reader
+
+    @property
+    def num_open(self) -> int:
+        return len(self._open)
+
+    def close(self) -> None:
+        with self.lock:
+            while self._open:
+                self._open.popitem()[1].close()
+
+
+class ArrayRecordFiles:
+    """Records of a list of files addressed by one global record index, through a ReaderPool."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        counts: Sequence[int],
+        identities: Sequence[FileIdentity],
+        max_open_files: int,
+    ):
+        self.paths = list(paths)
+        self.counts = [int(count) for count in counts]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.pool = ReaderPool(self.paths, list(identities), self.counts, max_open_files)
+
+    def locate(self, record_index: int) -> tuple[str, int]:
+        """(file path, index within that file) of a global record index."""
+        file_id = int(np.searchsorted(self.starts, record_index, side="right") - 1)
+        return self.paths[file_id], record_index - int(self.starts[file_id])
+
+    def read(self, record_indices: np.ndarray) -> list[bytes]:
+        """Raw bytes of the records at the given global indices, by per-record range reads.
+
+        Records are read grouped by file, so each file is fetched from the pool once per call.
+        """
+        record_indices = np.asarray(record_indices, dtype=np.int64)
+        pool = self.pool
+        if len(self.paths) == 1:
+            with pool.lock:
+                read = pool.get(0).read
+                return [read(i, i + 1)[0] for i in record_indices.tolist()]
+        file_ids = np.searchsorted(self.starts, record_indices, side="right") - 1
+        local_indices = (record_indices - self.starts[file_ids]).tolist()
+        by_file = np.argsort(file_ids, kind="stable").tolist()
+        file_ids = file_ids.tolist()
+        result: list[bytes] = [b""] * len(local_indices)
+        with pool.lock:
+            current, read = -1, None
+            for position in by_file:
+                if file_ids[position] != current:
+                    current = file_ids[position]
+                    read = pool.get(current).read
+                local = local_indices[position]
+                result[position] = read(local, local + 1)[0]
+        return result
+
+    def close(self) -> None:
+        self.pool.close()
