@@ -13,6 +13,7 @@ from resumax.errors import (
     StateMismatchError,
     WorkerError,
 )
+from resumax.packing import PackSequences
 from resumax.pipeline import Pipeline
 from resumax.records import decode, encode, write_array_record, write_shards
 from resumax.sequences import Pad
@@ -44,6 +45,7 @@ __all__ = [
     "MapWithIndex",
     "MemorySource",
     "MixtureSource",
+    "PackSequences",
     "Pad",
     "Pipeline",
     "RandomMap",

@@ -51,11 +51,12 @@ def _profile(args: argparse.Namespace) -> int:
     if args.config:
         from resumax.train import distributed
         from resumax.train.config import load_config
-        from resumax.train.loop import build_train_pipeline, prepare_data
+        from resumax.train.loop import make_task, prepare_task_data
 
-        data = load_config(args.config, args.targets).data
-        prepare_data(data)
-        pipeline = build_train_pipeline(data, distributed.data_parallel_mesh())
+        task = make_task(load_config(args.config, args.targets))
+        prepare_task_data(task)
+        mesh = distributed.data_parallel_mesh()
+        pipeline = task.build_pipeline(distributed.batch_sharding(mesh))
     elif args.targets:
         source = ArrayRecordSourceModule(ArrayRecordSourceConfig(shuffle_files=True), args.targets)
         pipeline = Pipeline(source, batch_size=args.batch_size)

@@ -25,13 +25,15 @@ STOP_TIMEOUT = 2.0
 
 @dataclasses.dataclass(frozen=True)
 class Delivery:
-    """A finished batch (None: a finite run ended), the position right after it and the
+    """A finished batch (None: a finite run ended), the position right after it (with
+    PackSequences: the window start and the rows already delivered from that window) and the
     operators' Variables right after it (`resumax.operators`; None without operators)."""
 
     batch: Any
     epoch: int
     index: int
     operators: Any = None
+    packed_rows: int = 0
 
 
 class PipelineIterator:
@@ -69,6 +71,7 @@ class PipelineIterator:
         pipeline = self._pipeline
         pipeline.source.seek(delivery.epoch, delivery.index)
         pipeline.operator_states.delivered(delivery.operators)
+        pipeline.packed_rows.set_value(delivery.packed_rows)
         if delivery.batch is None:
             self.close()
             raise StopIteration

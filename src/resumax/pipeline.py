@@ -25,6 +25,7 @@ from resumax.device import check_sharding, put_batch
 from resumax.errors import ConfigError, StageError, StateMismatchError
 from resumax.iterator import ActiveIterator, Delivery, PipelineIterator
 from resumax.operators import OperatorStates
+from resumax.packing import WindowPacker, open_window_packer, row_batches, split_packing
 from resumax.prefetch import Prefetcher
 from resumax.record_path import RecordPath, open_record_path
 from resumax.sources.base import DataPosition, RecordSource, V1Checkpointable
@@ -86,8 +87,9 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
       source: a resumax source (`ArrayRecordSourceModule`, `MemorySource`).
       stages: callables (maps) and `Map` / `MapWithIndex` / `RandomMap` / `Filter` / `BatchMap`
         objects or Grain transforms, applied in order; batch stages (`BatchMap`, and bare
-        `nnx.Module`s, whose Variables join the state) come after all per-record stages.
-      batch_size: records per batch (> 0).
+        `nnx.Module`s, whose Variables join the state) come after all per-record stages. A last
+        `PackSequences` packs the records into rows of tokens (no batch stages then).
+      batch_size: records per batch (> 0), or rows per batch with `PackSequences`.
       rngs: seeds `RandomMap` generators (with epoch and record index); an `nnx.Rngs` or an int.
       drop_remainder: in finite mode, drop the last batch if it is partial.
       num_workers: worker processes that read, decode and run the per-record stages (0: this
@@ -134,6 +136,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {name}={value!r}")
         check_worker_timeout(worker_timeout)
+        stages, packing = split_packing(stages)
         stages = [as_stage(stage, position) for position, stage in enumerate(stages)]
         first_batch_stage = next(
             (i for i, stage in enumerate(stages) if isinstance(stage, BatchMap)), len(stages)
@@ -162,6 +165,10 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         self.operator_states = OperatorStates(
             [(i, s.fn) for i, s in enumerate(stages) if isinstance(s, Operator)]
         )
+        self._packing = packing
+        if packing is not None and self._batch_stages:
+            raise ConfigError("PackSequences must be the last stage, after every BatchMap stage")
+        self.packed_rows = DataPosition(0)
         self._worker_recipe = self._make_worker_recipe() if num_workers else None
         self._active = ActiveIterator()
 
@@ -175,9 +182,12 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
             require_picklable(stage, f"stage {position} ({stage.name})")
         reopen = self.source.reopener()
         require_picklable(reopen, f"the source ({reopen!r})")
-        return functools.partial(
+        recipe = functools.partial(
             open_record_path, reopen, record_stages, self.rng_seed, self.source.records_per_epoch
         )
+        if self._packing is not None:
+            return functools.partial(open_window_packer, recipe, self._packing)
+        return recipe
 
     def __iter__(self) -> PipelineIterator:
         """Batches from the current position: spans -> chunks -> batches -> prefetch -> caller."""
@@ -189,7 +199,11 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         num_epochs = self.source.config.num_epochs
         end = None if num_epochs == -1 else num_epochs * records_per_epoch
         start = epoch * records_per_epoch + index
-        if self.process_count == 1:
+        task: Callable[[tuple[int, int]], Any] = self._record_path
+        if self._packing is not None:
+            span_stream = self._packing.window_spans(start, end)
+            task = WindowPacker(self._record_path, self._packing)
+        elif self.process_count == 1:
             span_stream = order.spans(start, self.batch_size, end)
         else:
             span_stream = order.process_spans(
@@ -211,8 +225,11 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
             )
             chunks = pool.map(span_stream)
         else:
-            chunks = map(self._record_path, span_stream)
-        deliveries = self._deliveries(chunks, start, end)
+            chunks = map(task, span_stream)
+        if self._packing is not None:
+            deliveries = self._packed_deliveries(chunks, start, end)
+        else:
+            deliveries = self._deliveries(chunks, start, end)
         prefetcher = Prefetcher(deliveries, self.prefetch) if self.prefetch else None
         iterator = PipelineIterator(self, prefetcher or deliveries, pool, prefetcher)
         self._active.set(iterator)
@@ -255,6 +272,28 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
             last = self._finish_batch(pieces, fields) if keep_last else None
             yield self._delivery(last, end)
 
+    def _packed_deliveries(
+        self, windows: Iterator[dict[str, np.ndarray]], start: int, end: int | None
+    ) -> Iterator[Delivery]:
+        """Batches of packed rows, each with the (window, rows delivered) after its global batch."""
+        window = self._packing.window
+        batches = row_batches(
+            windows,
+            start // window,
+            self.packed_rows.get_value(),
+            self.batch_size,
+            self.process_index,
+            self.process_count,
+            keep_last=end is not None and not self.drop_remainder and self.process_count == 1,
+        )
+        for batch, window_index, rows in batches:
+            if self.sharding is not None:
+                batch = put_batch(batch, self.sharding)
+            position = window_index * window if end is None else min(window_index * window, end)
+            yield self._delivery(batch, position, rows)
+        if end is not None:
+            yield self._delivery(None, end, 0)
+
     def _finish_batch(self, pieces: list[Piece], fields: BatchFields) -> Any:
         """Combines the pieces, runs the batch stages and places the batch on devices."""
         describe = functools.partial(describe_records, self.source)
@@ -270,9 +309,9 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
             batch = put_batch(batch, self.sharding)
         return batch
 
-    def _delivery(self, batch: Any, position: int) -> Delivery:
+    def _delivery(self, batch: Any, position: int, packed_rows: int = 0) -> Delivery:
         epoch, index = divmod(position, self.source.records_per_epoch)
-        return Delivery(batch, epoch, index, self.operator_states.snapshot())
+        return Delivery(batch, epoch, index, self.operator_states.snapshot(), packed_rows)
 
     def close(self) -> None:
         """Ends the live iterator (its workers and prefetch thread) and closes the source."""
@@ -290,7 +329,9 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable state: the source's position plus what the pipeline owns.
 
-        Prefetched or in-flight batches are not stored: they are recomputed on resume.
+        Prefetched or in-flight batches are not stored: they are recomputed on resume. With
+        PackSequences, "packing" holds its settings, the window the source is at and the rows
+        already delivered from it.
         """
         state = {
             "version": PIPELINE_STATE_VERSION,
@@ -302,7 +343,14 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         }
         if self.operator_states:
             state["operators"] = self.operator_states.to_json()
+        if self._packing is not None:
+            window_index = self._global_position() // self._packing.window
+            state["packing"] = self._packing.get_state(window_index, self.packed_rows.get_value())
         return state
+
+    def _global_position(self) -> int:
+        epoch, index = self.source.position
+        return epoch * self.source.records_per_epoch + index
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores `get_state()` output; raises StateMismatchError naming any differing field.
@@ -335,11 +383,35 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         batches = state["batches_emitted"]
         if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
             raise StateMismatchError(f"pipeline state field 'batches_emitted' is {batches!r}")
+        if self._packing is None and "packing" in state:
+            raise StateMismatchError(
+                "pipeline state has a 'packing' entry (saved with PackSequences) but this "
+                "pipeline does not pack; resume with the stages it was saved with"
+            )
         self._check_filter_shard(state)
         operators = self.operator_states.parse(state.get("operators"))
+        before = self.source.get_state()
         self.source.set_state(state["source"])
+        if self._packing is not None:
+            try:
+                self._set_packing_state(state)
+            except StateMismatchError:
+                self.source.set_state(before)
+                raise
         self.batches_emitted.set_value(batches)
         self.operator_states.restore(operators)
+
+    def _set_packing_state(self, state: dict[str, Any]) -> None:
+        """Checks the saved packing against this pipeline and sets the rows delivered."""
+        num_epochs = self.source.config.num_epochs
+        end = None if num_epochs == -1 else num_epochs * self.source.records_per_epoch
+        # A source that restores into another state (a mixture with new weights) would
+        # re-pack the current window from other records than the ones already delivered.
+        source_changed = self.source.get_state() != state["source"]
+        rows = self._packing.check_state(
+            state.get("packing"), self._global_position(), end, source_changed
+        )
+        self.packed_rows.set_value(rows)
 
     def _check_filter_shard(self, state: dict[str, Any]) -> None:
         """A Filter pipeline resumes only on the process layout it was saved with.
@@ -348,7 +420,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         it. With one, each process stops at its own position inside its slice of a global batch,
         and those positions do not carry over to another split of the batch.
         """
-        if not self._has_filter:
+        if not self._has_filter or self._packing is not None:
             return
         saved = (state.get("process_count", 1), state.get("batch_size", self.batch_size))
         if saved == (self.process_count, self.batch_size) or saved[0] == self.process_count == 1:

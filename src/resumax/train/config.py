@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from resumax.errors import ConfigError
 
-PREPARE_CHOICES = ("digits",)
-MODEL_CHOICES = ("mlp", "cnn")
+PREPARE_CHOICES = ("digits", "stdlib_text")
+MODEL_CHOICES = ("mlp", "cnn", "transformer")
 SCHEDULE_CHOICES = ("constant", "cosine", "warmup_cosine")
 _MAX_SEED = 2**32 - 1
 
@@ -28,7 +28,10 @@ class DataConfig:
     """Where the records are and how they are ordered and batched.
 
     `train_paths` / `test_paths` are globs; `prepare: digits` writes scikit-learn's digits there
-    on first use. The order is a function of `seed` alone.
+    on first use. The order is a function of `seed` alone. The language model (model.name:
+    transformer) reads instead a mixture of `${data.dir}/<name>-*.array_record` corpora with
+    `weights` {name: weight} (`prepare: stdlib_text` writes "prose" and "code"), packed into rows
+    of `sequence_length` tokens per `window` records; `batch_size` then counts rows.
     """
 
     dir: str = "runs/data/digits"
@@ -39,17 +42,24 @@ class DataConfig:
     num_epochs: int = -1
     shuffle_files: bool = True
     batch_size: int = 32
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    sequence_length: int = 128
+    window: int = 512
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """A small classifier: `mlp` (hidden_sizes) or `cnn` (channels, 3x3 convs + 2x2 pooling)."""
+    """A small classifier: `mlp` (hidden_sizes) or `cnn` (channels, 3x3 convs + 2x2 pooling), or
+    a byte-level decoder-only `transformer` (num_layers, num_heads, embed_dim)."""
 
     name: str = "mlp"
     hidden_sizes: list[int] = dataclasses.field(default_factory=lambda: [128, 64])
     channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32])
     dropout: float = 0.0
     num_classes: int = 10
+    num_layers: int = 2
+    num_heads: int = 4
+    embed_dim: int = 128
 
 
 @dataclasses.dataclass
@@ -165,7 +175,10 @@ def _require(condition: bool, key: str, expectation: str, value: object) -> None
 
 def _validate_data(data: DataConfig) -> None:
     _require(
-        data.prepare in (None, *PREPARE_CHOICES), "data.prepare", "null or 'digits'", data.prepare
+        data.prepare in (None, *PREPARE_CHOICES),
+        "data.prepare",
+        f"null or one of {PREPARE_CHOICES}",
+        data.prepare,
     )
     _require(0 <= data.seed <= _MAX_SEED, "data.seed", "between 0 and 2**32-1", data.seed)
     _require(
@@ -177,6 +190,27 @@ def _validate_data(data: DataConfig) -> None:
     _require(data.batch_size > 0, "data.batch_size", "> 0", data.batch_size)
     for key in ("dir", "train_paths", "test_paths"):
         _require(bool(getattr(data, key)), f"data.{key}", "a non-empty path", getattr(data, key))
+    for name, weight in data.weights.items():
+        _require(weight > 0, f"data.weights.{name}", "> 0", weight)
+    _require(data.sequence_length >= 2, "data.sequence_length", ">= 2", data.sequence_length)
+    _require(data.window > 0, "data.window", "> 0", data.window)
+
+
+def _validate_language_model(config: Config) -> None:
+    """The transformer reads a weighted mixture of token corpora; the classifiers do not."""
+    model, data = config.model, config.data
+    if model.name != "transformer":
+        return
+    _require(bool(data.weights), "data.weights", "a non-empty {corpus: weight} map", data.weights)
+    _require(data.num_epochs == -1, "data.num_epochs", "-1 for a mixture", data.num_epochs)
+    for key in ("num_layers", "num_heads", "embed_dim"):
+        _require(getattr(model, key) > 0, f"model.{key}", "> 0", getattr(model, key))
+    _require(
+        model.embed_dim % model.num_heads == 0,
+        "model.embed_dim",
+        f"a multiple of model.num_heads ({model.num_heads})",
+        model.embed_dim,
+    )
 
 
 def _validate_model(model: ModelConfig) -> None:
@@ -240,4 +274,5 @@ def validate(config: Config) -> None:
     _validate_train(config.train)
     _validate_data(config.data)
     _validate_model(config.model)
+    _validate_language_model(config)
     _validate_optimizer(config.optimizer, config.train.num_steps)

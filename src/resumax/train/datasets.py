@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,22 @@ def prepare_digits(directory: str | os.PathLike) -> bool:
     Returns True if it wrote them, False if `directory` already existed (it is then complete: it
     only ever appears by an atomic rename of a fully written temporary directory).
     """
+
+    def write(partial: str) -> None:
+        train, test = digits_examples()
+        with tqdm(total=len(train) + len(test), desc="preparing digits", unit="rec") as progress:
+            _write_split(os.path.join(partial, "train"), train, DIGITS_TRAIN_SHARDS, progress)
+            _write_split(os.path.join(partial, "test"), test, DIGITS_TEST_SHARDS, progress)
+
+    return write_atomically(directory, write)
+
+
+def write_atomically(directory: str | os.PathLike, write: Callable[[str], None]) -> bool:
+    """Runs `write(partial)` on a temporary sibling directory, then renames it to `directory`.
+
+    Returns False without writing if `directory` exists (it is complete), True if it wrote it.
+    Debris of preparations whose process died is removed first.
+    """
     directory = os.path.abspath(os.fspath(directory))
     if os.path.isdir(directory):
         return False
@@ -92,10 +108,7 @@ def prepare_digits(directory: str | os.PathLike) -> bool:
     _clear_partial_dirs(directory)
     partial = f"{directory}{_PARTIAL_SUFFIX}{os.getpid()}"
     os.makedirs(partial)
-    train, test = digits_examples()
-    with tqdm(total=len(train) + len(test), desc="preparing digits", unit="rec") as progress:
-        _write_split(os.path.join(partial, "train"), train, DIGITS_TRAIN_SHARDS, progress)
-        _write_split(os.path.join(partial, "test"), test, DIGITS_TEST_SHARDS, progress)
+    write(partial)
     try:
         os.rename(partial, directory)
     except OSError:

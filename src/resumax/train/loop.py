@@ -21,18 +21,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from resumax.checkpoint import CheckpointRestore, CheckpointSave
-from resumax.errors import CheckpointError, DataSourceError, ResumaxError
-from resumax.pipeline import Pipeline
-from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
+from resumax.errors import CheckpointError, ResumaxError
 from resumax.train import distributed
-from resumax.train.config import Config, DataConfig, OptimizerConfig
-from resumax.train.datasets import prepare_digits
-from resumax.train.models import build_model, cross_entropy
+from resumax.train.classifier import ClassifierTask
+from resumax.train.config import Config, OptimizerConfig
+from resumax.train.lm import LanguageModelTask
 from resumax.train.preemption import PreemptionWatch
 from resumax.train.runlog import METRICS_FILE, MetricsLog, plot_metrics, read_metrics, record_config
-
-# Folded into the train seed to derive dropout keys, so they never coincide with the init keys.
-_DROPOUT_STREAM = 0x64726F70
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,59 +41,19 @@ class TrainResult:
     params_sha256: str
 
 
-def features(example: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Record -> model inputs: float32 image and int32 label (JAX's default integer width)."""
-    return {
-        "image": np.asarray(example["image"], dtype=np.float32),
-        "label": np.asarray(example["label"], dtype=np.int32),
-    }
+def make_task(config: Config) -> ClassifierTask | LanguageModelTask:
+    """The task a config trains: a language model for model.name: transformer, else digits."""
+    if config.model.name == "transformer":
+        return LanguageModelTask(config)
+    return ClassifierTask(config)
 
 
-def build_source(
-    data: DataConfig, paths: str, *, evaluation: bool = False
-) -> ArrayRecordSourceModule:
-    """Training records (seeded order, `data.num_epochs`) or one ordered pass for evaluation."""
-    source_config = (
-        ArrayRecordSourceConfig(seed=data.seed, num_epochs=1, shuffle_files=False)
-        if evaluation
-        else ArrayRecordSourceConfig(
-            seed=data.seed, num_epochs=data.num_epochs, shuffle_files=data.shuffle_files
-        )
-    )
-    try:
-        return ArrayRecordSourceModule(source_config, paths)
-    except DataSourceError as error:
-        if data.prepare is not None:
-            raise
-        raise DataSourceError(
-            f"{error}; point data.train_paths / data.test_paths at ArrayRecord files, or set "
-            "data.prepare=digits to write the embedded digits data set there"
-        ) from error
-
-
-def prepare_data(data: DataConfig) -> None:
-    """Writes the data set `data.prepare` names if its directory is missing.
-
-    One process prepares the data; the others wait for the atomic rename.
-    """
-    if jax.process_index() == 0 and data.prepare == "digits" and prepare_digits(data.dir):
-        print(f"prepared the digits data set in {data.dir}", flush=True)
+def prepare_task_data(task: ClassifierTask | LanguageModelTask) -> None:
+    """Process 0 writes the task's data set if it is missing; the others wait for the atomic
+    rename."""
+    if jax.process_index() == 0:
+        task.prepare_data()
     distributed.barrier("resumax: data prepared")
-
-
-def build_train_pipeline(data: DataConfig, mesh: jax.sharding.Mesh) -> Pipeline:
-    """The training pipeline of a config: its source, `features`, batches split over `mesh`.
-
-    Data parallel over every device of every process: each process reads its slice of the
-    global batch, which arrives as one jax.Array split along the batch axis.
-    """
-    return Pipeline(
-        source=build_source(data, data.train_paths),
-        stages=[features],
-        batch_size=data.batch_size,
-        rngs=data.seed,
-        sharding=distributed.batch_sharding(mesh),
-    )
 
 
 def build_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
@@ -120,68 +75,6 @@ def build_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTr
     return factory(learning_rate=schedule)
 
 
-def make_steps(graphdef: nnx.GraphDef, seed: int, dropout: bool) -> tuple[Callable, Callable]:
-    """Jitted pure functions over the split (model, optimizer) state.
-
-    train_step(state, images, labels, step) -> (state, loss, accuracy); the dropout key is
-    `fold_in(key(seed) + stream, step)`, so a resumed run draws the same masks.
-    eval_step(state, images, labels, mask) -> (sum of losses, number correct) over unmasked rows.
-    """
-    dropout_base = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
-
-    @jax.jit
-    def train_step(state, images, labels, step):
-        model, optimizer = nnx.merge(graphdef, state)
-        key = jax.random.fold_in(dropout_base, step) if dropout else None
-
-        def loss_fn(model):
-            logits = model(images, key)
-            return cross_entropy(logits, labels).mean(), logits
-
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        optimizer.update(model, grads)
-        accuracy = (logits.argmax(-1) == labels).mean()
-        return nnx.state((model, optimizer)), loss, accuracy
-
-    @jax.jit
-    def eval_step(state, images, labels, mask):
-        model, _ = nnx.merge(graphdef, state)
-        logits = model(images)
-        correct = (logits.argmax(-1) == labels) * mask
-        return (cross_entropy(logits, labels) * mask).sum(), correct.sum()
-
-    return train_step, eval_step
-
-
-def evaluate(
-    eval_step: Callable,
-    state: Any,
-    pipeline: Pipeline,
-    start: dict,
-    batch_size: int,
-    place: Callable[[Any], Any],
-) -> dict[str, float]:
-    """Mean loss and accuracy over one pass of `pipeline`, rewound to its `start` state first.
-
-    A short last batch is zero-padded to `batch_size` and masked, so one compiled eval_step
-    serves every batch. `place` puts the (images, labels, mask) of a batch where the state is.
-    """
-    pipeline.set_state(start)
-    loss_sum, correct, count = 0.0, 0.0, 0
-    for batch in pipeline:
-        rows = len(batch["label"])
-        images, labels = (
-            np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
-            for v in (batch["image"], batch["label"])
-        )
-        mask = (np.arange(batch_size) < rows).astype(np.float32)
-        batch_loss, batch_correct = eval_step(state, *place((images, labels, mask)))
-        loss_sum += float(distributed.host_array(batch_loss))
-        correct += float(distributed.host_array(batch_correct))
-        count += rows
-    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
-
-
 def checkpoint_tree(state: nnx.State) -> dict[str, Any]:
     """The (model, optimizer) state as the plain dict Orbax stores: {"model", "optimizer"}."""
     pure = nnx.to_pure_dict(state)
@@ -201,21 +94,14 @@ class _Run:
 
     def __init__(self, config: Config):
         self.config = config
-        data, train = config.data, config.train
-        prepare_data(data)
+        train = config.train
+        self.task = make_task(config)
+        prepare_task_data(self.task)
+        # Data parallel over every device of every process: each process reads its slice of the
+        # global batch, which arrives as one jax.Array split along the batch axis.
         mesh = distributed.data_parallel_mesh()
-        self.pipeline = build_train_pipeline(data, mesh)
-        image_shape = self.pipeline.source[0]["image"].shape
-        # Every process evaluates the whole test split, so eval batches are replicated.
-        self.eval_pipeline = Pipeline(
-            source=build_source(data, data.test_paths, evaluation=True),
-            stages=[features],
-            batch_size=data.batch_size,
-            rngs=data.seed,
-            shard_by_process=False,
-        )
-        self.eval_start = self.eval_pipeline.get_state()
-        model = build_model(config.model, image_shape, train.seed)
+        self.pipeline = self.task.build_pipeline(distributed.batch_sharding(mesh))
+        model = self.task.build_model()
         optimizer = nnx.Optimizer(
             model, build_optimizer(config.optimizer, train.num_steps), wrt=nnx.Param
         )
@@ -224,9 +110,7 @@ class _Run:
         if jax.process_count() > 1:
             self.place = functools.partial(distributed.replicate, mesh=mesh)
             self.state = self.place(self.state)
-        self.train_step, self.eval_step = make_steps(
-            self.graphdef, train.seed, dropout=config.model.dropout > 0
-        )
+        self.train_step, self.eval_step = self.task.make_steps(self.graphdef)
         self.primary = jax.process_index() == 0
         os.makedirs(train.run_dir, exist_ok=True)
         self.manager = ocp.CheckpointManager(
@@ -280,28 +164,17 @@ class _Run:
         self.saved_step = step
 
     def metrics_line(
-        self, step: int, loss: jax.Array, accuracy: jax.Array
+        self, step: int, loss: jax.Array, step_metrics: dict[str, jax.Array]
     ) -> dict[str, Any] | None:
         """The metrics of `step` if it is logged (every log_every and eval_every, and the last)."""
         train = self.config.train
-        if step % train.log_every and step % train.eval_every and step != train.num_steps:
+        evaluating = self.task.evaluates and step % train.eval_every == 0
+        if step % train.log_every and not evaluating and step != train.num_steps:
             return None
-        line = {
-            "step": step,
-            "loss": float(distributed.host_array(loss)),
-            "accuracy": float(distributed.host_array(accuracy)),
-        }
-        if step % train.eval_every == 0:
-            line.update(
-                evaluate(
-                    self.eval_step,
-                    self.state,
-                    self.eval_pipeline,
-                    self.eval_start,
-                    self.config.data.batch_size,
-                    self.place,
-                )
-            )
+        line = {"step": step, "loss": float(distributed.host_array(loss))}
+        line.update((k, float(distributed.host_array(v))) for k, v in step_metrics.items())
+        if evaluating:
+            line.update(self.task.evaluate(self.eval_step, self.state, self.place))
         return line
 
     def loop(
@@ -314,7 +187,6 @@ class _Run:
         train = self.config.train
         step, resumed = start, start > 0
         mark_time, mark_step = time.perf_counter(), step
-        records_per_step = self.config.data.batch_size * jax.process_count()
         batches = iter(self.pipeline)
         with tqdm(total=train.num_steps, initial=step, unit="step", disable=None) as bar:
             while step < train.num_steps:
@@ -324,19 +196,20 @@ class _Run:
                 if batch is None:
                     bar.write(f"the data ended after step {step} (data.num_epochs)")
                     break
-                self.state, loss, accuracy = self.train_step(
-                    self.state, batch["image"], batch["label"], np.int32(step)
+                self.state, loss, step_metrics = self.train_step(
+                    self.state, *self.task.inputs(batch), np.int32(step)
                 )
                 step += 1
                 bar.update(1)
-                line = self.metrics_line(step, loss, accuracy)
+                line = self.metrics_line(step, loss, step_metrics)
                 if line is not None:
                     now = time.perf_counter()
-                    rate = (step - mark_step) * records_per_step / (now - mark_time)
-                    line.update(records_per_s=rate, resumed=resumed)
+                    rates = self.task.throughput(step - mark_step, now - mark_time)
+                    line.update(rates, resumed=resumed)
                     if metrics is not None:
                         metrics.write(line)
-                    bar.set_postfix(loss=f"{line['loss']:.4f}", records_per_s=f"{rate:.0f}")
+                    postfix = {name: f"{rate:.0f}" for name, rate in rates.items()}
+                    bar.set_postfix(loss=f"{line['loss']:.4f}", **postfix)
                     mark_time, mark_step, resumed = now, step, False
                 if step % train.checkpoint_every == 0:
                     self.save(step)
