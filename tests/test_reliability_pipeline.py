@@ -25,6 +25,7 @@ from resumax import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
     Filter,
+    PackSequences,
     Pipeline,
 )
 from resumax.errors import (
@@ -139,6 +140,14 @@ def test_a_filter_that_keeps_one_record_per_epoch_still_delivers(shards, num_wor
     )
     batches = within(60, lambda: take(pipeline, 4))
     assert [batch["id"].tolist() for batch in batches] == [[7, 7]] * 4
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_packed_pipeline_whose_filter_keeps_nothing_raises_stage_error(shards, num_workers):
+    stages = [Filter(keep_nothing), PackSequences(8, ["feature"], window=30)]
+    pipeline = build(shards, stages, num_workers=num_workers, prefetch=0)
+    with pytest.raises(StageError, match=r"Filter stage 0 \(keep_nothing\) kept no record"):
+        within(60, lambda: next(iter(pipeline)))
 
 
 def test_a_finite_pipeline_whose_filter_keeps_nothing_just_ends(shards):

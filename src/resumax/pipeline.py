@@ -30,7 +30,12 @@ from resumax.prefetch import Prefetcher
 from resumax.record_path import RecordPath, open_record_path
 from resumax.sources.base import DataPosition, RecordSource, V1Checkpointable
 from resumax.stages import BatchMap, Filter, Operator, as_stage
-from resumax.stream_checks import FilterStarvation, describe_records, require_batch
+from resumax.stream_checks import (
+    FilterStarvation,
+    describe_records,
+    require_batch,
+    watch_windows,
+)
 from resumax.workers import WorkerPool, check_worker_timeout, require_picklable
 
 PIPELINE_STATE_VERSION = 1
@@ -277,8 +282,11 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
     ) -> Iterator[Delivery]:
         """Batches of packed rows, each with the (window, rows delivered) after its global batch."""
         window = self._packing.window
+        starvation = FilterStarvation(
+            self._record_path.record_stages, self.source.records_per_epoch, start, end
+        )
         batches = row_batches(
-            windows,
+            watch_windows(windows, starvation, start // window, window),
             start // window,
             self.packed_rows.get_value(),
             self.batch_size,

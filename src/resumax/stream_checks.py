@@ -4,7 +4,7 @@ that names the stage and the records, never a raw traceback, a silent end or a h
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from resumax.batching import Chunk, describe_positions
@@ -111,6 +111,22 @@ class FilterStarvation:
                 "read on this process): the pipeline would read forever without making a "
                 "batch. Check the predicate: it must return True for the records to keep"
             )
+
+
+def watch_windows(
+    windows: Iterator[Mapping[str, Any]],
+    starvation: FilterStarvation,
+    first_window: int,
+    window: int,
+) -> Iterator[Mapping[str, Any]]:
+    """The packed rows of consecutive windows (from `first_window`, `window` positions each),
+    telling `starvation` which windows produced no row, so that a packed stream whose stages
+    keep nothing raises StageError too instead of reading forever."""
+    for index, rows in enumerate(windows, start=first_window):
+        span = (index * window, (index + 1) * window)
+        produced = len(next(iter(rows.values()), ()))
+        starvation.observe(span, [span[1] - 1] if produced else [])
+        yield rows
 
 
 def record_producer(stages: Sequence[Stage]) -> str:
