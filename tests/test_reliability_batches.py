@@ -301,3 +301,17 @@ def test_a_worker_result_that_cannot_be_pickled_names_the_stage_field_and_record
     assert "stage 0 (with_a_lock)" in message
     assert "field 'lock' of record 11 (epoch 0, position 11)" in message
     assert "cannot be sent from a worker process" in message
+
+
+@pytest.mark.parametrize(
+    ("stage", "expected"),
+    [(int_or_float, "dtype"), (beyond_int64, "beyond int64"), (float32_or_float64, "dtype")],
+)
+def test_stored_records_whose_types_differ_are_a_config_error_without_any_stage(
+    tmp_path, stage, expected
+):
+    # No stage: the records go through the source's batch decode, under the same policy.
+    path = tmp_path / "mixed.array_record"
+    write_array_record(path, [stage({"id": index}) for index in range(20)])
+    with pytest.raises(ConfigError, match=f"field 'value'.*{expected}"):
+        take(build(str(path), batch_size=20), 1)
