@@ -270,10 +270,12 @@ def full_disk(limit: int) -> list[str]:
 @pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_is_one_checkpoint_error_line(tmp_path, digits_dir):
     run_dir = tmp_path / "run"
-    train_in_process(run_dir, digits_dir)
-    # Files of up to 8 KB still work (metrics.jsonl, config.yaml); a checkpoint's arrays do not.
+    # A 64x128 float32 kernel (32 KB, and its two Adam moments) is in every checkpoint; files of
+    # up to 8 KB (metrics.jsonl, config.yaml) still work.
+    wide = "model.hidden_sizes=[128]"
+    train_in_process(run_dir, digits_dir, wide)
     status, stdout, stderr = Training(
-        run_dir, digits_dir, num_steps=30, launcher=full_disk(8192)
+        run_dir, digits_dir, wide, num_steps=30, launcher=full_disk(8192)
     ).wait()
     assert status == 2, stdout + stderr
     assert error_lines(stderr) == [error_lines(stderr)[-1]], stderr
@@ -281,7 +283,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_checkpoint_error_line(tmp_path, 
     assert "the latest committed step stays 5" in stderr
     assert "Traceback" not in stderr and "Event loop is closed" not in stderr
     assert committed_steps(run_dir) == [5]
-    result = train_in_process(run_dir, digits_dir, num_steps=30)
+    result = train_in_process(run_dir, digits_dir, wide, num_steps=30)
     assert (result.resumed_from, result.step) == (5, 30)
 
 
