@@ -230,8 +230,11 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
                 activities=self._record_path.activities,
                 describe_task=lambda span: f"the records at positions [{span[0]}, {span[1]})",
             )
-            # Spans go to workers in groups of about TASK_RECORDS positions (windows one by one).
-            max_group = 1 if self._packing is not None else -(-TASK_RECORDS // self.batch_size)
+            # Without per-record stages, spans go to workers in groups of about TASK_RECORDS
+            # positions; a stage's span (or a window) goes alone, so a slow or stuck stage never
+            # holds back the batches before it.
+            grouped = self._packing is None and not self._record_path.record_stages
+            max_group = -(-TASK_RECORDS // self.batch_size) if grouped else 1
             chunks = pool.map(span_stream, max_group)
         else:
             chunks = map(task, span_stream)
