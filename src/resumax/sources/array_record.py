@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import stat as stat_module
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,11 +74,16 @@ def _match_in(directory: str, name_pattern: str) -> list[str]:
         names = os.listdir(directory or ".")
     except OSError:
         return []
-    if not name_pattern.startswith("."):
-        names = [name for name in names if not name.startswith(".")]
+    matches = fnmatch.filter(names, name_pattern)
+    matches.sort()
     prefix = os.path.join(directory, "")
-    matches = sorted(fnmatch.filter(names, name_pattern))
-    return [prefix + name for name in matches if not shard_index.is_index_file(name)]
+    hidden_too = name_pattern.startswith(".")
+    suffix = shard_index.INDEX_SUFFIX
+    return [
+        prefix + name
+        for name in matches
+        if not name.endswith(suffix) and (hidden_too or name[:1] != ".")
+    ]
 
 
 def resolve_paths(paths: PathsLike) -> list[str]:
@@ -134,34 +140,55 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
     file's fingerprint part is its size); other files are opened once to count and hashed with
     `shard_index.content_hash`. Which files were opened, and why, is logged or warned.
     """
-    names = resolve_paths(paths)
-    absolute = [path if os.path.isabs(path) else os.path.abspath(path) for path in names]
-    stats = [stat_data_file(path) for path in names]
-    lookup = shard_index.look_up(absolute, stats)
-    counts, hashes, stale = [], [], []
-    for path, stat in zip(absolute, stats, strict=True):
-        known = lookup.known.get(path)
-        if known is None:
-            reader = open_reader(path, file_identity(stat), max_open_files)
-            known = (reader.num_records(), shard_index.content_hash(path))
-            reader.close()
-        if path in lookup.stale:
-            name, why = os.path.basename(path), lookup.stale[path]
-            stale.append(f"{name}: {why}; it has {known[0]} records")
-        counts.append(known[0])
-        hashes.append(known[1] or f"size:{stat.st_size}")
-    _report_opened(absolute, lookup, stale)
-    base_names = [path.rpartition(os.sep)[2] for path in absolute]
+    found = resolve_paths(paths)
+    absolute = [path if path.startswith(os.sep) else os.path.abspath(path) for path in found]
+    stats = _stat_files(found)
+    sizes = [stat.st_size for stat in stats]
+    mtimes = [stat.st_mtime_ns for stat in stats]
+    names = [path.rpartition(os.sep)[2] for path in absolute]
+    lookup = shard_index.look_up(absolute, names, sizes, mtimes)
+    counts, hashes = lookup.counts, lookup.hashes
+    opened = [position for position, count in enumerate(counts) if count is None]
+    for position in opened:
+        path = absolute[position]
+        reader = open_reader(path, file_identity(stats[position]), max_open_files)
+        counts[position], hashes[position] = reader.num_records(), shard_index.content_hash(path)
+        reader.close()
+    if None in hashes:
+        hashes = [content or f"size:{size}" for content, size in zip(hashes, sizes, strict=True)]
+    stale = [
+        f"{names[position]}: {why}; it has {counts[position]} records"
+        for position, why in sorted(lookup.stale.items())
+    ]
+    _report_opened(absolute, [p for p in opened if p not in lookup.stale], stale)
+    inodes, devices = [stat.st_ino for stat in stats], [stat.st_dev for stat in stats]
+    identities = zip(sizes, mtimes, inodes, devices, strict=True)
     return ResolvedFiles(
         paths=tuple(absolute),
-        identities=tuple(map(file_identity, stats)),
+        identities=tuple(identities),
         counts=tuple(counts),
-        fingerprint=files_fingerprint(base_names, counts, hashes),
+        fingerprint=files_fingerprint(names, counts, hashes),
         stale=tuple(stale),
     )
 
 
-def _report_opened(paths: list[str], lookup: shard_index.Lookup, stale: list[str]) -> None:
+def _stat_files(paths: list[str]) -> list[os.stat_result]:
+    """os.stat of every data file, in one tight loop; on any missing, unreadable, directory or
+    empty file, `stat_data_file`'s DataSourceError naming the first such path."""
+    try:
+        stats = list(map(os.stat, paths))
+    except OSError:
+        stats = None
+    if (
+        stats is None
+        or any(stat.st_size == 0 for stat in stats)
+        or any(stat_module.S_ISDIR(stat.st_mode) for stat in stats)
+    ):
+        stats = [stat_data_file(path) for path in paths]
+    return stats
+
+
+def _report_opened(paths: list[str], unindexed: list[int], stale: list[str]) -> None:
     if stale:
         shown = " | ".join(stale[:3])
         more = f" (and {len(stale) - 3} more)" if len(stale) > 3 else ""
@@ -170,14 +197,13 @@ def _report_opened(paths: list[str], lookup: shard_index.Lookup, stale: list[str
             f"count and hash their records: {shown}{more}",
             stacklevel=4,
         )
-    unindexed = len(paths) - len(lookup.known) - len(lookup.stale)
     if unindexed:
         logger.info(
             "no shard index describes %d of %d data file(s) (e.g. %s): opened them to count and "
             "hash their records",
-            unindexed,
+            len(unindexed),
             len(paths),
-            next(path for path in paths if path not in lookup.known and path not in lookup.stale),
+            paths[unindexed[0]],
         )
 
 
