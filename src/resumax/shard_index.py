@@ -263,9 +263,10 @@ def _from_index(
         for position in positions:
             lookup.stale[position] = f"the shard index {path!r} cannot be read ({error})"
         return
-    names = [files[0][position] for position in positions]
-    found_sizes = [files[1][position] for position in positions]
-    found_mtimes = [files[2][position] for position in positions]
+    if isinstance(positions, range) and len(positions) == len(files[0]):
+        names, found_sizes, found_mtimes = files
+    else:
+        names, found_sizes, found_mtimes = ([column[p] for p in positions] for column in files)
     if index_names == names and sizes == found_sizes and mtimes == found_mtimes:
         # Every file as indexed, in index order: whole columns at once.
         if isinstance(positions, range):

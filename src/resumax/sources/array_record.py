@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import logging
+import operator
 import os
 import stat as stat_module
 import warnings
@@ -128,7 +129,17 @@ class ResolvedFiles:
 def files_fingerprint(names: Sequence[str], counts: Sequence[int], hashes: Sequence[str]) -> str:
     """A short hash of the files' names, record counts and content hashes: identifies the
     records, not where the files live, so a moved or renamed directory keeps it."""
-    payload = json.dumps([list(names), [int(count) for count in counts], list(hashes)])
+    counts = [int(count) for count in counts]
+    text = "".join(names) + "".join(hashes)
+    if names and text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        # Nothing to escape: the very text json.dumps gives, joined without per-item encoding.
+        quoted = '", "'
+        payload = (
+            f'[["{quoted.join(names)}"], [{", ".join(map(str, counts))}], '
+            f'["{quoted.join(hashes)}"]]'
+        )
+    else:
+        payload = json.dumps([list(names), counts, list(hashes)])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -142,16 +153,15 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
     """
     found = resolve_paths(paths)
     absolute = [path if path.startswith(os.sep) else os.path.abspath(path) for path in found]
-    stats = _stat_files(found)
-    sizes = [stat.st_size for stat in stats]
-    mtimes = [stat.st_mtime_ns for stat in stats]
+    identities = _stat_files(found)
+    sizes, mtimes = [i[0] for i in identities], [i[1] for i in identities]
     names = [path.rpartition(os.sep)[2] for path in absolute]
     lookup = shard_index.look_up(absolute, names, sizes, mtimes)
     counts, hashes = lookup.counts, lookup.hashes
     opened = [position for position, count in enumerate(counts) if count is None]
     for position in opened:
         path = absolute[position]
-        reader = open_reader(path, file_identity(stats[position]), max_open_files)
+        reader = open_reader(path, identities[position], max_open_files)
         counts[position], hashes[position] = reader.num_records(), shard_index.content_hash(path)
         reader.close()
     if None in hashes:
@@ -161,8 +171,6 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
         for position, why in sorted(lookup.stale.items())
     ]
     _report_opened(absolute, [p for p in opened if p not in lookup.stale], stale)
-    inodes, devices = [stat.st_ino for stat in stats], [stat.st_dev for stat in stats]
-    identities = zip(sizes, mtimes, inodes, devices, strict=True)
     return ResolvedFiles(
         paths=tuple(absolute),
         identities=tuple(identities),
@@ -172,20 +180,23 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
     )
 
 
-def _stat_files(paths: list[str]) -> list[os.stat_result]:
-    """os.stat of every data file, in one tight loop; on any missing, unreadable, directory or
-    empty file, `stat_data_file`'s DataSourceError naming the first such path."""
+def _stat_files(paths: list[str]) -> list[FileIdentity]:
+    """The identity (size, mtime_ns, inode, device) of every data file, from one tight loop of
+    os.stat; on any missing, unreadable, directory or empty file, `stat_data_file`'s
+    DataSourceError naming the first such path."""
     try:
         stats = list(map(os.stat, paths))
     except OSError:
         stats = None
-    if (
-        stats is None
-        or any(stat.st_size == 0 for stat in stats)
-        or any(stat_module.S_ISDIR(stat.st_mode) for stat in stats)
-    ):
-        stats = [stat_data_file(path) for path in paths]
-    return stats
+    if stats is not None:
+        modes = set(map(operator.attrgetter("st_mode"), stats))
+        identities = list(map(_IDENTITY, stats))
+        if not any(map(stat_module.S_ISDIR, modes)) and not any(i[0] == 0 for i in identities):
+            return identities
+    return [file_identity(stat_data_file(path)) for path in paths]
+
+
+_IDENTITY = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")
 
 
 def _report_opened(paths: list[str], unindexed: list[int], stale: list[str]) -> None:
