@@ -16,7 +16,7 @@ import pytest
 import resumax
 from resumax import shard_index
 from resumax.errors import DataFileNotFoundError, DataSourceError
-from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
+from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, resolve_paths
 from resumax.sources.array_record import files_fingerprint
 from resumax.sources.readers import default_max_open_files
 from tests.conftest import make_examples
@@ -75,6 +75,7 @@ def test_a_bad_file_among_many_is_named(tmp_path, problem):
         ['q"x'],
         ["b\\x"],
         ["t\tx", "d\x7f"],
+        ["undecodable-\udcff.ar"],
     ],
 )
 def test_the_fingerprint_is_the_sha256_of_the_json_of_names_counts_and_hashes(names):
@@ -111,3 +112,20 @@ def test_a_pool_holding_every_file_reads_what_a_pool_of_one_reads(tmp_path, shuf
     indices = np.random.default_rng(0).permutation(60)
     assert every.read_raw(indices) == one.read_raw(indices)
     assert every._files.pool.num_open == 12 and one._files.pool.num_open == 1
+
+
+def test_globs_skip_hidden_files_and_indexes_unless_the_pattern_names_them(tmp_path):
+    for name in ("a.array_record", ".hidden.array_record", "b.index.json"):
+        resumax.write_array_record(tmp_path / name, make_examples(2))
+    found = {
+        pattern: [os.path.basename(path) for path in resolve_paths(str(tmp_path / pattern))]
+        for pattern in ("*", "*.array_record", ".h*", "[.a]*")
+    }
+    assert found == {
+        "*": ["a.array_record"],
+        "*.array_record": ["a.array_record"],
+        ".h*": [".hidden.array_record"],
+        "[.a]*": ["a.array_record"],
+    }
+    with pytest.raises(DataFileNotFoundError, match="matches no file"):
+        resolve_paths(str(tmp_path / "*n"))

@@ -77,14 +77,14 @@ def _match_in(directory: str, name_pattern: str) -> list[str]:
         return []
     matches = fnmatch.filter(names, name_pattern)
     matches.sort()
-    prefix = os.path.join(directory, "")
-    hidden_too = name_pattern.startswith(".")
-    suffix = shard_index.INDEX_SUFFIX
-    return [
-        prefix + name
-        for name in matches
-        if not name.endswith(suffix) and (hidden_too or name[:1] != ".")
-    ]
+    # A pattern that starts with a literal other than "." matches no hidden name, and one that
+    # ends with a literal other than the index suffix's last character matches no index.
+    first, last = name_pattern[:1], name_pattern[-1:]
+    if first in _GLOB_CHARACTERS:
+        matches = [name for name in matches if name[:1] != "."]
+    if last in _GLOB_CHARACTERS or last == "]" or last == shard_index.INDEX_SUFFIX[-1]:
+        matches = [name for name in matches if not shard_index.is_index_file(name)]
+    return list(map(os.path.join(directory, "").__add__, matches))
 
 
 def resolve_paths(paths: PathsLike) -> list[str]:
@@ -126,12 +126,16 @@ class ResolvedFiles:
     stale: tuple[str, ...] = ()
 
 
+# Characters json.dumps writes as they are: printable ASCII but the quote and the backslash.
+_JSON_PLAIN = bytes(set(range(0x20, 0x7F)) - set(b'"\\'))
+
+
 def files_fingerprint(names: Sequence[str], counts: Sequence[int], hashes: Sequence[str]) -> str:
     """A short hash of the files' names, record counts and content hashes: identifies the
     records, not where the files live, so a moved or renamed directory keeps it."""
     counts = [int(count) for count in counts]
-    text = "".join(names) + "".join(hashes)
-    if names and text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+    text = ("".join(names) + "".join(hashes)).encode("utf-8", "backslashreplace")
+    if names and not text.translate(None, _JSON_PLAIN):
         # Nothing to escape: the very text json.dumps gives, joined without per-item encoding.
         quoted = '", "'
         payload = (
