@@ -7,6 +7,7 @@ order that leaves neither waiting, when closed, exhausted, failed, garbage colle
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,10 @@ from resumax.workers import WorkerPool
 
 if TYPE_CHECKING:
     from resumax.pipeline import Pipeline
+
+# Seconds `close()` takes at most (also on `set_state`, a new `iter()`, garbage collection and
+# interpreter exit), whatever a stage is doing: a stage stuck in a long call is abandoned.
+STOP_TIMEOUT = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +40,8 @@ class PipelineIterator:
     """Hands a pipeline's batches to the caller, advancing its position as each is received.
 
     Owns the worker processes and the prefetch thread, if any. `close()` stops them; so do the
-    end of the data, an error, garbage collection and interpreter exit.
+    end of the data, an error, garbage collection and interpreter exit, each within
+    STOP_TIMEOUT seconds.
     """
 
     def __init__(
@@ -49,7 +55,7 @@ class PipelineIterator:
         self._deliveries = deliveries
         self._closed = False
         self.worker_pids: tuple[int, ...] = pool.worker_pids if pool is not None else ()
-        self._release = weakref.finalize(self, _release, pool, prefetcher)
+        self._release = weakref.finalize(self, _release, pool, prefetcher, STOP_TIMEOUT)
 
     def __iter__(self) -> PipelineIterator:
         return self
@@ -72,10 +78,15 @@ class PipelineIterator:
         pipeline.batches_emitted.set_value(pipeline.batches_emitted.get_value() + 1)
         return delivery.batch
 
-    def close(self) -> None:
-        """Stops the workers and the prefetch thread; batches computed ahead are dropped."""
+    def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stops the workers and the prefetch thread within `timeout` seconds; batches computed
+        ahead are dropped. Workers still busy then are killed; a prefetch thread stuck in a
+        stage's call is left to end on its own (a daemon thread, it never delays exit)."""
         self._closed = True
-        self._release()
+        resources = self._release.detach()
+        if resources is not None:
+            _, release, (pool, prefetcher, _), _ = resources
+            release(pool, prefetcher, timeout)
 
     def __enter__(self) -> PipelineIterator:
         return self
@@ -84,16 +95,21 @@ class PipelineIterator:
         self.close()
 
 
-def _release(pool: WorkerPool | None, prefetcher: Prefetcher | None) -> None:
-    """Stops the prefetch thread and the workers in an order that leaves neither waiting."""
+def _release(pool: WorkerPool | None, prefetcher: Prefetcher | None, timeout: float) -> None:
+    """Stops the prefetch thread and the workers, in at most about `timeout` seconds.
+
+    The thread first (a quarter of the time: it ends at its next item unless a stage holds it),
+    then the workers, which also ends a thread waiting for their results, then the thread again.
+    A thread still running without workers is in a stage's call: it is left to end on its own.
+    """
+    deadline = time.monotonic() + timeout
     if prefetcher is not None:
-        prefetcher.stop(timeout=1.0)
+        prefetcher.stop(timeout / 4)
     if pool is not None:
-        pool.stop_workers()
-    if prefetcher is not None:
-        prefetcher.join()
-    if pool is not None:
-        pool.close()
+        pool.stop_workers(max(deadline - time.monotonic(), 0.0))
+        if prefetcher is not None:
+            prefetcher.join(deadline - time.monotonic())
+        pool.close(0.0)
 
 
 class ActiveIterator:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from resumax import order
-from resumax.batching import Chunk, Piece, combine
+from resumax.batching import BatchFields, Chunk, Piece, batch_positions, combine
 from resumax.device import check_sharding, put_batch
 from resumax.errors import ConfigError, StageError, StateMismatchError
 from resumax.iterator import ActiveIterator, Delivery, PipelineIterator
@@ -30,7 +30,13 @@ from resumax.prefetch import Prefetcher
 from resumax.record_path import RecordPath, open_record_path
 from resumax.sources.base import DataPosition, RecordSource, V1Checkpointable
 from resumax.stages import BatchMap, Filter, Operator, as_stage
-from resumax.workers import WorkerPool, require_picklable
+from resumax.stream_checks import (
+    FilterStarvation,
+    describe_records,
+    require_batch,
+    watch_windows,
+)
+from resumax.workers import WorkerPool, check_worker_timeout, require_picklable
 
 PIPELINE_STATE_VERSION = 1
 DEFAULT_PREFETCH = 2
@@ -102,6 +108,9 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         gives every process the whole stream.
       process_index, process_count: override `jax.process_index()` / `jax.process_count()`
         (for launchers that split data differently, and for tests).
+      worker_timeout: seconds a worker may take to answer before a WorkerError names it, its
+        records and the stage it runs (None: wait, logging a warning every
+        `resumax.workers.WORKER_WAIT_WARNING_SECONDS`).
 
     Batches are identical for any num_workers and prefetch, and after a resume. Iterating
     continues from the current position; the state always describes the batches the caller has
@@ -122,6 +131,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         shard_by_process: bool = True,
         process_index: int | None = None,
         process_count: int | None = None,
+        worker_timeout: float | None = None,
     ):
         if not isinstance(source, RecordSource):
             raise ConfigError(f"source must be a resumax source, got {type(source).__name__}")
@@ -130,6 +140,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         for name, value in (("num_workers", num_workers), ("prefetch", prefetch)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {name}={value!r}")
+        check_worker_timeout(worker_timeout)
         stages, packing = split_packing(stages)
         stages = [as_stage(stage, position) for position, stage in enumerate(stages)]
         first_batch_stage = next(
@@ -147,6 +158,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         self.rng_seed = seed_from_rngs(rngs)
         self.num_workers = num_workers
         self.prefetch = prefetch
+        self.worker_timeout = worker_timeout
         self.sharding = check_sharding(sharding)
         self.process_index, self.process_count = _process_shard(
             shard_by_process, process_index, process_count
@@ -209,7 +221,13 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
             )
         pool = None
         if self._worker_recipe is not None:
-            pool = WorkerPool(self._worker_recipe, self.num_workers)
+            pool = WorkerPool(
+                self._worker_recipe,
+                self.num_workers,
+                timeout=self.worker_timeout,
+                activities=self._record_path.activities,
+                describe_task=lambda span: f"the records at positions [{span[0]}, {span[1]})",
+            )
             chunks = pool.map(span_stream)
         else:
             chunks = map(task, span_stream)
@@ -234,9 +252,15 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         """
         global_batch = self.batch_size * self.process_count
         to_window_end = self.process_count > 1 and not self._has_filter
+        records_per_epoch = self.source.records_per_epoch
+        starvation = FilterStarvation(
+            self._record_path.record_stages, records_per_epoch, start, end
+        )
+        fields = BatchFields(functools.partial(describe_records, self.source))
         pieces: list[Piece] = []
         pending = 0
         for chunk in chunks:
+            starvation.observe(chunk.span, chunk.positions)
             taken = 0
             while taken < len(chunk):
                 take = min(self.batch_size - pending, len(chunk) - taken)
@@ -246,11 +270,11 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
                     after = int(chunk.positions[taken - 1]) + 1
                     if to_window_end:
                         after = order.window_end(after - 1, start, global_batch)
-                    yield self._delivery(self._finish_batch(pieces), after)
+                    yield self._delivery(self._finish_batch(pieces, fields), after)
                     pieces, pending = [], 0
         if end is not None:
             keep_last = pieces and not self.drop_remainder and self.process_count == 1
-            last = self._finish_batch(pieces) if keep_last else None
+            last = self._finish_batch(pieces, fields) if keep_last else None
             yield self._delivery(last, end)
 
     def _packed_deliveries(
@@ -258,8 +282,11 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
     ) -> Iterator[Delivery]:
         """Batches of packed rows, each with the (window, rows delivered) after its global batch."""
         window = self._packing.window
+        starvation = FilterStarvation(
+            self._record_path.record_stages, self.source.records_per_epoch, start, end
+        )
         batches = row_batches(
-            windows,
+            watch_windows(windows, starvation, start // window, window),
             start // window,
             self.packed_rows.get_value(),
             self.batch_size,
@@ -275,14 +302,17 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         if end is not None:
             yield self._delivery(None, end, 0)
 
-    def _finish_batch(self, pieces: list[Piece]) -> Any:
+    def _finish_batch(self, pieces: list[Piece], fields: BatchFields) -> Any:
         """Combines the pieces, runs the batch stages and places the batch on devices."""
-        batch = combine(pieces)
+        describe = functools.partial(describe_records, self.source)
+        batch = combine(pieces, describe)
+        fields.check(batch, pieces)
         for stage in self._batch_stages:
             try:
                 batch = stage.fn(batch)
             except Exception as error:
                 raise StageError(f"batch stage ({stage.name}) failed: {error!r}") from error
+            require_batch(batch, stage.name, lambda: describe(batch_positions(pieces)))
         if self.sharding is not None:
             batch = put_batch(batch, self.sharding)
         return batch
@@ -341,6 +371,13 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         for field in ("version", "source", "batches_emitted", "rng_seed"):
             if field not in state:
                 raise StateMismatchError(f"pipeline state lacks the field {field!r}; got {state!r}")
+        for field in ("version", "rng_seed", "batch_size", "process_count"):
+            value = state.get(field, 0)
+            if type(value) is not int:  # 1.0 and True equal 1 to Python, not to a state
+                raise StateMismatchError(
+                    f"pipeline state field {field!r} must be an int, got {value!r} "
+                    f"({type(value).__name__}); the state was edited or saved by other software"
+                )
         if state["version"] != PIPELINE_STATE_VERSION:
             raise StateMismatchError(
                 f"pipeline state field 'version' is {state['version']!r}; this resumax reads "

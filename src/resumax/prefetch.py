@@ -75,14 +75,20 @@ class Prefetcher(Generic[T]):
             raise StopIteration
         return item
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
         """Asks the thread to stop and waits up to `timeout` seconds for it."""
         self._done = True
         self._stopping.set()
         self.join(timeout)
 
-    def join(self, timeout: float | None = None) -> None:
-        """Waits for the thread to end (after `stop`); a no-op from the thread itself, where a
-        garbage collection may close the iterator that owns it."""
+    def join(self, timeout: float) -> bool:
+        """Waits up to `timeout` seconds for the thread to end (after `stop`); True if it has.
+
+        Never longer: a thread stuck in a stage's long call (a hung read) is left to finish it
+        on its own. It is a daemon, so it never delays the interpreter's exit, and it drops
+        what it computes. A no-op from the thread itself, where a garbage collection may close
+        the iterator that owns it.
+        """
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+            self._thread.join(max(timeout, 0.0))
+        return not self._thread.is_alive()

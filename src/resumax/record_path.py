@@ -16,6 +16,8 @@ from resumax.errors import DataSourceError, StageError
 from resumax.records import decode
 from resumax.sources.base import RecordSource
 from resumax.stages import Filter, Map, MapWithIndex, RandomMap, RecordRng, Stage
+from resumax.stream_checks import record_producer, require_records, unsendable_error
+from resumax.workers import report_activity
 
 
 class RecordPath:
@@ -23,12 +25,22 @@ class RecordPath:
 
     It runs in this process, or in each worker rebuilt by `open_record_path` over the worker's
     own copy of the source. RandomMap draws depend only on (seed, stage, epoch, record index),
-    so every process computes the same chunk for a span.
+    so every process computes the same chunk for a span. In a worker (`in_worker`) even a
+    SystemExit or KeyboardInterrupt a stage raises becomes a StageError naming it.
     """
 
-    def __init__(self, source: RecordSource, record_stages: Sequence[Stage], rng_seed: int):
+    def __init__(
+        self,
+        source: RecordSource,
+        record_stages: Sequence[Stage],
+        rng_seed: int,
+        *,
+        in_worker: bool = False,
+    ):
         self.source = source
         self.record_stages = list(record_stages)
+        self._producer = record_producer(self.record_stages)
+        self._catch = BaseException if in_worker else Exception
         self._rngs = {
             position: RecordRng(rng_seed, position)
             for position, stage in enumerate(self.record_stages)
@@ -41,24 +53,37 @@ class RecordPath:
         segments = list(self._epoch_segments(*span))
         if self._decode_span is not None and not self.record_stages and len(segments) == 1:
             # The common case: the span's records decoded and stacked at once, straight to a chunk.
+            report_activity(0)
             epoch, start, stop = segments[0]
             record_indices = self.source.record_indices(epoch, start, stop)
             raw = self.source.read_raw(record_indices)
             stacked = self._decode_span(raw)
             positions = np.arange(start, stop, dtype=np.int64) + epoch * records_per_epoch
             if stacked is not None:
-                return Chunk(stacked.arrays, positions)
-            return Chunk(stack_if_uniform(self._decode_each(record_indices, raw)), positions)
+                return Chunk(stacked.arrays, positions, span)
+            examples = self._decode_each(record_indices, raw)
+            return Chunk(stack_if_uniform(examples), positions, span)
         examples: list[Any] = []
         positions = []
         for epoch, start, stop in segments:
+            report_activity(0)
             record_indices = self.source.record_indices(epoch, start, stop)
             records = self._read_examples(record_indices)
             kept, kept_indices = self._apply_record_stages(epoch, start, record_indices, records)
             examples.extend(kept)
             positions.append(kept_indices + epoch * records_per_epoch)
         positions = positions[0] if len(positions) == 1 else np.concatenate(positions)
-        return Chunk(stack_if_uniform(examples), positions)
+        return Chunk(stack_if_uniform(examples), positions, span)
+
+    def unsendable_error(self, chunk: Chunk, error: Exception) -> StageError:
+        """Names the stage and record whose value cannot be pickled to the parent process."""
+        return unsendable_error(chunk, self._producer, self.source, error)
+
+    @property
+    def activities(self) -> list[str]:
+        """What the codes given to `report_activity` mean: reading, then stage k at k + 1."""
+        stages = [f"stage {k} ({stage.name})" for k, stage in enumerate(self.record_stages)]
+        return ["reading and decoding records", *stages]
 
     def _read_examples(self, record_indices: np.ndarray) -> list[Any]:
         """The decoded records, per record dicts (views of a span stacked at once if possible)."""
@@ -94,6 +119,7 @@ class RecordPath:
         positions = np.arange(start, start + len(examples))
         for stage_position, stage in enumerate(self.record_stages):
             done = 0
+            report_activity(stage_position + 1)
             try:
                 if isinstance(stage, Map):
                     fn = stage.fn
@@ -113,12 +139,13 @@ class RecordPath:
                         keep[done] = bool(stage.predicate(example))
                     examples = [e for e, k in zip(examples, keep.tolist(), strict=True) if k]
                     positions, record_indices = positions[keep], record_indices[keep]
-            except Exception as error:
+            except self._catch as error:
                 raise StageError(
                     f"stage {stage_position} ({stage.name}) failed on record "
                     f"{record_indices[done]} (epoch {epoch}, position {positions[done]}): "
                     f"{error!r}"
                 ) from error
+        require_records(examples, self._producer, epoch, record_indices, positions)
         return examples, positions
 
 
@@ -135,4 +162,4 @@ def open_record_path(
             f"a worker process found {source.records_per_epoch} records per epoch where the "
             f"pipeline's source has {records_per_epoch}; did the data files change?"
         )
-    return RecordPath(source, record_stages, rng_seed)
+    return RecordPath(source, record_stages, rng_seed, in_worker=True)

@@ -23,6 +23,8 @@ STATE_VERSION = 1
 # small enough (64 KiB of int64) to stay O(1) in the dataset size.
 ORDER_BLOCK = 8192
 _MAX_SEED = 2**63 - 1
+# Global positions (epoch * records_per_epoch + index) are int64 in the order functions.
+_MAX_POSITION = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +277,12 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
             raise StateMismatchError(
                 f"source state field 'current_index' is {index}, past the {self.records_per_epoch} "
                 "records of an epoch"
+            )
+        if epoch * self.records_per_epoch + index > _MAX_POSITION:
+            raise StateMismatchError(
+                f"source state field 'current_epoch' is {epoch}: at {self.records_per_epoch} "
+                "records per epoch its position lies past what an int64 can index (2**63-1); "
+                "the state is corrupt or belongs to another dataset"
             )
         last_epoch = self.config.num_epochs
         if last_epoch != -1 and (epoch, index) > (last_epoch, 0):
