@@ -234,9 +234,10 @@ class ArrayRecordSourceModule(RecordSource):
         it is a pure function of (seed, epoch, position).
       decode: bytes -> example; defaults to `resumax.records.decode`.
       max_open_files: most files this process keeps open at once (readers are opened on demand
-        and the least recently used closed); None: 1/8 of the process's `ulimit -n` (128 under
-        1024), between 16 and 4096. Each worker process has its own pool. Shuffled reading over
-        more files than this reopens files (tens of microseconds each).
+        and the least recently used closed); None: `default_max_open_files()`, the process's
+        `ulimit -n` less half of it, at least 896 left free (128 under 1024, 10,000 under
+        20,000), between 16 and 32,768. Each worker process has its own pool. Shuffled reading
+        over more files than this reopens files (~30 microseconds each).
 
     The fingerprint hashes each file's name, record count and content hash (see
     `resolve_files`): a regenerated shard changes it, a moved directory does not. Every file
