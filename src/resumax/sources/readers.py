@@ -231,17 +231,17 @@ class ArrayRecordFiles:
 
     def _read_all_open(self, file_ids: list[int], local_indices: list[int]) -> list[bytes]:
         """Reads in the given order when the pool can hold every file: nothing is ever closed,
-        so an open reader is one dict lookup, with no grouping and no LRU bookkeeping."""
+        so the files not yet open are opened first, then each record is one dict lookup, with
+        no grouping and no LRU bookkeeping."""
         pool = self.pool
-        result: list[bytes] = []
         with pool.lock:
             readers = pool.open_readers
-            for file_id, local in zip(file_ids, local_indices, strict=True):
-                reader = readers.get(file_id)
-                if reader is None:
-                    reader = pool.get(file_id)
-                result.append(reader.read(local, local + 1)[0])
-        return result
+            for file_id in sorted(set(file_ids).difference(readers)):
+                pool.get(file_id)
+            return [
+                readers[file_id].read(local, local + 1)[0]
+                for file_id, local in zip(file_ids, local_indices, strict=True)
+            ]
 
     def close(self) -> None:
         self.pool.close()
