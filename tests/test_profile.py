@@ -47,7 +47,7 @@ def test_profile_of_a_config_prepares_its_data_and_names_its_stage(tmp_path):
     result = run_profile("--config", str(config), f"data.dir={tmp_path}/digits", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "digits").is_dir()
-    assert_profile_shape(result.stdout, ["read", "decode", "Map 'features'", "batch"])
+    assert_profile_shape(result.stdout, ["read", "decode", "batch", "BatchMap 'features'"])
 
 
 def test_profile_without_files_or_config_exits_2_and_says_what_to_give(tmp_path):

@@ -46,7 +46,7 @@ OVERRIDES = [
     "data.batch_size=16",
     "optimizer.warmup_steps=10",
 ]
-VARYING_FIELDS = {"records_per_s", "resumed"}
+VARYING_FIELDS = {"records_per_s", "data_wait_s", "data_wait_fraction", "resumed"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def digits_dir(tmp_path_factory):
     return directory
 
 
-def command(run_dir: Path, data_dir: Path) -> list[str]:
+def command(run_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -67,20 +67,21 @@ def command(run_dir: Path, data_dir: Path) -> list[str]:
         *OVERRIDES,
         f"data.dir={data_dir}",
         f"train.run_dir={run_dir}",
+        *overrides,
     ]
 
 
 class Training:
     """A `python -m resumax train` child; stdout / stderr go to files, so no pipe can fill up."""
 
-    def __init__(self, run_dir: Path, data_dir: Path):
+    def __init__(self, run_dir: Path, data_dir: Path, *overrides: str):
         run_dir.mkdir(parents=True, exist_ok=True)
         attempt = len(list(run_dir.glob("stdout-*.txt")))
         self.stdout_path = run_dir / f"stdout-{attempt}.txt"
         self.stderr_path = run_dir / f"stderr-{attempt}.txt"
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
             self.process = subprocess.Popen(
-                command(run_dir, data_dir), cwd=REPO, stdout=stdout, stderr=stderr
+                command(run_dir, data_dir, *overrides), cwd=REPO, stdout=stdout, stderr=stderr
             )
 
     def running(self) -> bool:
@@ -304,6 +305,13 @@ def test_sigkill_during_a_save_and_at_a_random_time_is_bitwise_identical(
     stdout = run_to_completion(run_dir, digits_dir)
     assert f"resumed from step {committed[-1]}" in stdout, f"seed {seed}, delay {delay:.2f}s"
     assert not partial_steps(run_dir)
+    assert_same_run(run_dir, uninterrupted, stdout)
+
+
+@pytest.mark.slow
+def test_worker_processes_train_bitwise_the_same_run(tmp_path, digits_dir, uninterrupted):
+    run_dir = tmp_path / "run"
+    stdout = Training(run_dir, digits_dir, "data.num_workers=1").finish()
     assert_same_run(run_dir, uninterrupted, stdout)
 
 

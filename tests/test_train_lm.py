@@ -42,7 +42,7 @@ OVERRIDES = [
     "data.sequence_length=32",
     "data.window=64",
 ]
-VARYING_FIELDS = {"tokens_per_s", "resumed"}
+VARYING_FIELDS = {"tokens_per_s", "data_wait_s", "data_wait_fraction", "resumed"}
 
 
 @pytest.fixture(scope="module")

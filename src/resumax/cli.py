@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 
 from resumax import records, shard_index, summary
-from resumax.errors import ConfigError, DataSourceError, ResumaxError
+from resumax.errors import CheckpointError, ConfigError, DataSourceError, ResumaxError
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
 
@@ -37,11 +38,26 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Exit status 0: finished, or saved and stopped by SIGTERM; 130: saved and stopped by
+    Ctrl-C; 2: an error (ConfigError, CheckpointError, NonFiniteLossError, ...)."""
     from resumax.train.config import load_config
     from resumax.train.loop import train
+    from resumax.train.preemption import INTERRUPTED_EXIT_STATUS, ignore_sigterm_until_exit
 
-    train(load_config(args.config, args.overrides))
-    return 0
+    try:
+        result = train(load_config(args.config, args.overrides))
+    except (CheckpointError, KeyboardInterrupt) as error:
+        # A failed or aborted save can leave Orbax's threads waiting for a commit that never
+        # comes, which would block the interpreter's exit: report and end the process now.
+        aborted = isinstance(error, KeyboardInterrupt)
+        reason = "aborted (Ctrl-C)" if aborted else f"{type(error).__name__}: {error}"
+        print(f"resumax train: {reason}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_EXIT_STATUS if aborted else 2)
+    if result.preempted:
+        ignore_sigterm_until_exit()
+    return INTERRUPTED_EXIT_STATUS if result.interrupted else 0
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -56,7 +72,7 @@ def _profile(args: argparse.Namespace) -> int:
         task = make_task(load_config(args.config, args.targets))
         prepare_task_data(task)
         mesh = distributed.data_parallel_mesh()
-        pipeline = task.build_pipeline(distributed.batch_sharding(mesh))
+        pipeline = task.build_pipeline(distributed.pipeline_sharding(mesh))
     elif args.targets:
         source = ArrayRecordSourceModule(ArrayRecordSourceConfig(shuffle_files=True), args.targets)
         pipeline = Pipeline(source, batch_size=args.batch_size)
@@ -114,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(run=_profile)
     train = commands.add_parser(
         "train",
-        help="train from a YAML config; resumes the latest checkpoint; SIGTERM saves and exits",
+        help="train from a YAML config; resumes the latest checkpoint; SIGTERM or Ctrl-C saves "
+        "and exits (status 0 or 130; 2 on errors)",
     )
     train.add_argument("--config", required=True, help="YAML file, e.g. configs/digits.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_steps=500")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 from collections.abc import Sequence
 
 import optax
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resumax.errors import ConfigError
@@ -32,6 +33,8 @@ class DataConfig:
     transformer) reads instead a mixture of `${data.dir}/<name>-*.array_record` corpora with
     `weights` {name: weight} (`prepare: stdlib_text` writes "prose" and "code"), packed into rows
     of `sequence_length` tokens per `window` records; `batch_size` then counts rows.
+    `num_workers` worker processes read and decode the training records (identical batches for
+    any value; see `resumax profile --config` for the one that pays off).
     """
 
     dir: str = "runs/data/digits"
@@ -42,6 +45,7 @@ class DataConfig:
     num_epochs: int = -1
     shuffle_files: bool = True
     batch_size: int = 32
+    num_workers: int = 0
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
     sequence_length: int = 128
     window: int = 512
@@ -103,6 +107,9 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
+_SECTIONS = tuple(field.name for field in dataclasses.fields(Config))
+
+
 def _omegaconf_error(error: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(error, "full_key", None) or "<config>"
     reason = str(getattr(error, "msg", error)).splitlines()[0]
@@ -115,6 +122,10 @@ def _load_yaml(path: str | os.PathLike) -> object:
     try:
         return OmegaConf.load(path)
     except Exception as error:
+        # OmegaConf refuses a YAML document that is a scalar before we can look at it.
+        scalar = re.search(r"Invalid loaded object type: (\w+)", str(error))
+        if scalar:
+            raise _not_sections(f"config file {os.fspath(path)!r}", scalar[1]) from error
         raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {error}") from error
 
 
@@ -126,6 +137,34 @@ def _parse_overrides(overrides: Sequence[str]) -> object:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
         raise _omegaconf_error(error, "command-line overrides") from error
+
+
+def _check_sections(layer: object, origin: str) -> None:
+    """A layer must be a mapping of sections, each a mapping of keys (or empty): OmegaConf's own
+    errors for other shapes name neither the file nor the key."""
+    if not isinstance(layer, DictConfig):
+        kind = "list" if isinstance(layer, ListConfig) else type(layer).__name__
+        raise _not_sections(origin, kind)
+    for name, value in OmegaConf.to_container(layer, resolve=False).items():
+        if value is None or isinstance(value, dict) or name not in _SECTIONS:
+            continue
+        kind = "list" if isinstance(value, list) else type(value).__name__
+        raise ConfigError(
+            f"{name}: expected a mapping of {name}.* keys (e.g. '{_example_key(name)}'), "
+            f"got the YAML {kind} {value!r} (in {origin})"
+        )
+
+
+def _not_sections(origin: str, kind: str) -> ConfigError:
+    return ConfigError(
+        f"{origin}: its top level is a YAML {kind}; expected a mapping of the sections "
+        f"{list(_SECTIONS)}, e.g. 'train: {{num_steps: 100}}'"
+    )
+
+
+def _example_key(section: str) -> str:
+    first = dataclasses.fields(getattr(Config(), section))[0]
+    return f"{section}: {{{first.name}: ...}}"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -140,6 +179,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         layers.append((_load_yaml(path), f"config file {os.fspath(path)!r}"))
     layers.append((_parse_overrides(overrides), "command-line overrides"))
     for layer, origin in layers:
+        _check_sections(layer, origin)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as error:
@@ -188,6 +228,7 @@ def _validate_data(data: DataConfig) -> None:
         data.num_epochs,
     )
     _require(data.batch_size > 0, "data.batch_size", "> 0", data.batch_size)
+    _require(data.num_workers >= 0, "data.num_workers", ">= 0", data.num_workers)
     for key in ("dir", "train_paths", "test_paths"):
         _require(bool(getattr(data, key)), f"data.{key}", "a non-empty path", getattr(data, key))
     for name, weight in data.weights.items():

@@ -57,6 +57,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
+def pipeline_sharding(mesh: Mesh) -> NamedSharding | None:
+    """Where the training pipeline puts its batches: `batch_sharding(mesh)`, or None (numpy
+    batches, which the jitted step copies to its one device in C++) when the mesh has one
+    device: a sharded device put costs the input pipeline about as much as the reads."""
+    return batch_sharding(mesh) if mesh.size > 1 else None
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every array of `tree` (identical in every process) as a global, fully replicated array."""
     replicated = NamedSharding(mesh, PartitionSpec())

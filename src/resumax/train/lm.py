@@ -139,6 +139,7 @@ class LanguageModelTask:
             batch_size=data.batch_size,
             rngs=data.seed,
             sharding=sharding,
+            num_workers=data.num_workers,
         )
 
     def build_model(self) -> nnx.Module:

@@ -4,12 +4,12 @@ params, optimizer state and data position saved together in one Orbax step and r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import inspect
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,13 +21,18 @@ from flax import nnx
 from tqdm import tqdm
 
 from resumax.checkpoint import CheckpointRestore, CheckpointSave
-from resumax.errors import CheckpointError, ResumaxError
+from resumax.errors import CheckpointError, ResumaxError, StageError
 from resumax.train import distributed
+from resumax.train.checks import FiniteLossGuard, check_output_dirs, unwrap_config_error
 from resumax.train.classifier import ClassifierTask
 from resumax.train.config import Config, OptimizerConfig
 from resumax.train.lm import LanguageModelTask
 from resumax.train.preemption import PreemptionWatch
+from resumax.train.resume_checks import check_same_data, check_same_model
+from resumax.train.run_lock import RunLock
 from resumax.train.runlog import METRICS_FILE, MetricsLog, plot_metrics, read_metrics, record_config
+from resumax.train.saving import checkpoint_call, orbax_errors_contained
+from resumax.train.timing import LineTimer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +44,7 @@ class TrainResult:
     preempted: bool
     final_loss: float | None
     params_sha256: str
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT) rather than SIGTERM
 
 
 def make_task(config: Config) -> ClassifierTask | LanguageModelTask:
@@ -100,7 +106,7 @@ class _Run:
         # Data parallel over every device of every process: each process reads its slice of the
         # global batch, which arrives as one jax.Array split along the batch axis.
         mesh = distributed.data_parallel_mesh()
-        self.pipeline = self.task.build_pipeline(distributed.batch_sharding(mesh))
+        self.pipeline = self.task.build_pipeline(distributed.pipeline_sharding(mesh))
         model = self.task.build_model()
         optimizer = nnx.Optimizer(
             model, build_optimizer(config.optimizer, train.num_steps), wrt=nnx.Param
@@ -110,6 +116,7 @@ class _Run:
         if jax.process_count() > 1:
             self.place = functools.partial(distributed.replicate, mesh=mesh)
             self.state = self.place(self.state)
+        self.loss_guard = FiniteLossGuard()
         self.train_step, self.eval_step = self.task.make_steps(self.graphdef)
         self.primary = jax.process_index() == 0
         os.makedirs(train.run_dir, exist_ok=True)
@@ -129,6 +136,10 @@ class _Run:
         step = self.manager.latest_step()
         if step is None:
             return None
+        step_dir = self.manager.directory / str(step)
+        check_same_model(step_dir, checkpoint_tree(self.state))
+        data = self.config.data
+        check_same_data(step_dir, self.pipeline.get_state(), {"data.train_paths": data.train_paths})
         try:
             restored = self.manager.restore(
                 step,
@@ -153,15 +164,21 @@ class _Run:
         """Starts an async save of step `step` (params, optimizer state, data position)."""
         if step == self.saved_step:
             return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(checkpoint_tree(self.state)),
-                data=CheckpointSave(self.pipeline),
-            ),
-            force=True,
+        self.loss_guard.check(self.saved_step)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(checkpoint_tree(self.state)),
+            data=CheckpointSave(self.pipeline),
         )
+        # Orbax's save waits for the previous one anyway; waiting first names the failed step.
+        previous = f"committing step {self.saved_step}"
+        checkpoint_call(self.manager, previous, self.manager.wait_until_finished)
+        save = functools.partial(self.manager.save, step, args=args, force=True)
+        checkpoint_call(self.manager, f"saving step {step}", save)
         self.saved_step = step
+
+    def close(self) -> None:
+        """Waits for the last save to commit, closes the manager; CheckpointError if it failed."""
+        checkpoint_call(self.manager, f"committing step {self.saved_step}", self.manager.close)
 
     def metrics_line(
         self, step: int, loss: jax.Array, step_metrics: dict[str, jax.Array]
@@ -171,6 +188,7 @@ class _Run:
         evaluating = self.task.evaluates and step % train.eval_every == 0
         if step % train.log_every and not evaluating and step != train.num_steps:
             return None
+        self.loss_guard.check(self.saved_step)
         line = {"step": step, "loss": float(distributed.host_array(loss))}
         line.update((k, float(distributed.host_array(v))) for k, v in step_metrics.items())
         if evaluating:
@@ -186,13 +204,16 @@ class _Run:
         """
         train = self.config.train
         step, resumed = start, start > 0
-        mark_time, mark_step = time.perf_counter(), step
+        timer, mark_step = LineTimer(), step
         batches = iter(self.pipeline)
         with tqdm(total=train.num_steps, initial=step, unit="step", disable=None) as bar:
             while step < train.num_steps:
                 if watch.reached(self.manager, step):
                     return step, True
-                batch = next(batches, None)
+                try:
+                    batch = timer.next_batch(batches)
+                except StageError as error:
+                    raise unwrap_config_error(error) from error
                 if batch is None:
                     bar.write(f"the data ended after step {step} (data.num_epochs)")
                     break
@@ -200,59 +221,81 @@ class _Run:
                     self.state, *self.task.inputs(batch), np.int32(step)
                 )
                 step += 1
+                self.loss_guard.observe(step, loss)
                 bar.update(1)
                 line = self.metrics_line(step, loss, step_metrics)
                 if line is not None:
-                    now = time.perf_counter()
-                    rates = self.task.throughput(step - mark_step, now - mark_time)
-                    line.update(rates, resumed=resumed)
+                    seconds, waits = timer.lap()
+                    rates = self.task.throughput(step - mark_step, seconds)
+                    line.update(rates, **waits, resumed=resumed)
                     if metrics is not None:
                         metrics.write(line)
                     postfix = {name: f"{rate:.0f}" for name, rate in rates.items()}
-                    bar.set_postfix(loss=f"{line['loss']:.4f}", **postfix)
-                    mark_time, mark_step, resumed = now, step, False
+                    bar.set_postfix(
+                        loss=f"{line['loss']:.4f}",
+                        **postfix,
+                        data_wait_fraction=f"{waits['data_wait_fraction']:.2f}",
+                    )
+                    mark_step, resumed = step, False
                 if step % train.checkpoint_every == 0:
                     self.save(step)
         return step, False
 
 
 def train(config: Config) -> TrainResult:
-    """Runs (or resumes) the configured training to `train.num_steps`, or until SIGTERM.
+    """Runs (or resumes) the configured training to `train.num_steps`, or until SIGTERM / Ctrl-C.
 
-    Prints "resumed from step N" when it restores a checkpoint. On SIGTERM it saves the current
-    step, waits for the commit and returns with `preempted=True`. Must run on the main thread
-    (it installs the SIGTERM handler).
+    Before step 1 it checks that the output directories are writable and the labels fit the
+    model (ConfigError), and locks `train.run_dir` against a second process (ConfigError naming
+    its pid). Prints "resumed from step N" when it restores a checkpoint. On SIGTERM or a first
+    Ctrl-C it saves the current step, waits for the commit and returns with `preempted=True`
+    (`interrupted=True` for Ctrl-C). A failed save raises CheckpointError and a NaN or infinite
+    loss NonFiniteLossError; either way the latest committed step is a finite, complete one.
+    Must run on the main thread (it installs the signal handlers).
     """
     train_config = config.train
     if train_config.distributed:
         distributed.initialize(
             train_config.coordinator_address, train_config.num_processes, train_config.process_id
         )
+    check_output_dirs(config)
+    lock = RunLock(train_config.run_dir) if jax.process_index() == 0 else None
     watch = PreemptionWatch()
-    run = None
-    metrics = None
+    run = metrics = None
     try:
-        run = _Run(config)
-        resumed_from = run.restore_latest()
-        if resumed_from is not None:
-            print(f"resumed from step {resumed_from}", flush=True)
-        if run.primary:
-            record_config(train_config.run_dir, config)
-            metrics = MetricsLog(train_config.run_dir, resumed_from or 0)
-        step, preempted = run.loop(resumed_from or 0, metrics, watch)
-        if step > 0:
-            run.save(step)
-        run.manager.wait_until_finished()
+        with orbax_errors_contained():
+            try:
+                run = _Run(config)
+                resumed_from = run.restore_latest()
+                if resumed_from is not None:
+                    print(f"resumed from step {resumed_from}", flush=True)
+                if run.primary:
+                    record_config(train_config.run_dir, config)
+                    metrics = MetricsLog(train_config.run_dir, resumed_from or 0)
+                step, preempted = run.loop(resumed_from or 0, metrics, watch)
+                if step > 0:
+                    run.save(step)
+            except (CheckpointError, KeyboardInterrupt):
+                raise  # Orbax's threads may never finish a failed or aborted save: no waiting.
+            except BaseException:
+                if run is not None:
+                    # The earlier, finite steps still being saved become the latest committed.
+                    with contextlib.suppress(ResumaxError):
+                        run.close()
+                raise
+            run.close()
+        return _finish(run, step, resumed_from, preempted, watch)
     finally:
         if metrics is not None:
             metrics.close()
-        if run is not None:
-            run.manager.close()
+        if lock is not None:
+            lock.close()
         watch.close()
-    return _finish(run, step, resumed_from, preempted)
 
 
-def _finish(run: _Run, step: int, resumed_from: int | None, preempted: bool) -> TrainResult:
+def _finish(
+    run: _Run, step: int, resumed_from: int | None, preempted: bool, watch: PreemptionWatch
+) -> TrainResult:
     """Redraws the plot and reports how the run ended, once the last step is committed."""
     train_config = run.config.train
     lines = read_metrics(os.path.join(train_config.run_dir, METRICS_FILE))
@@ -263,13 +306,14 @@ def _finish(run: _Run, step: int, resumed_from: int | None, preempted: bool) -> 
         preempted=preempted,
         final_loss=lines[-1]["loss"] if lines else None,
         params_sha256=params_sha256(checkpoint_tree(run.state)),
+        interrupted=preempted and watch.interrupted,
     )
     checkpoints = os.path.abspath(train_config.checkpoint_dir)
     if preempted and step == 0:
-        print("preempted (SIGTERM) before the first step: nothing to save", flush=True)
+        print(f"{watch.reason} before the first step: nothing to save", flush=True)
     elif preempted:
         print(
-            f"preempted (SIGTERM): saved step {step} to {checkpoints} and waited for the commit; "
+            f"{watch.reason}: saved step {step} to {checkpoints} and waited for the commit; "
             "run the same command again to resume",
             flush=True,
         )

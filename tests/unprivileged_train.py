@@ -1,0 +1,25 @@
+"""`resumax train` as the unprivileged user `nobody`, for tests of permission errors run as root.
+
+Started as root, it imports everything the run needs first (the interpreter and the virtualenv
+may live where `nobody` cannot read), then drops to nobody's uid and gid and runs the command.
+Usage: python tests/unprivileged_train.py --config FILE key=value ...
+"""
+
+import os
+import pwd
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: E402, F401 (imported before the privileges are dropped)
+
+import resumax.cli  # noqa: E402
+import resumax.train.loop  # noqa: E402, F401
+
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+os.environ["HOME"] = "/tmp"
+sys.exit(resumax.cli.main(["train", *sys.argv[1:]]))
