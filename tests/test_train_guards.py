@@ -323,13 +323,25 @@ def test_a_second_ctrl_c_waits_for_the_commit(tmp_path, digits_dir):
 
 @pytest.mark.slow
 def test_a_third_ctrl_c_aborts_and_the_committed_steps_stay_restorable(tmp_path, digits_dir):
-    run_dir = tmp_path / "run"
-    training = Training(run_dir, digits_dir, num_steps=ENDLESS)
-    training.wait_for(lambda: committed_steps(run_dir)[-1:] >= [10], "step 10 committed")
-    for _ in range(3):
-        training.send(signal.SIGINT)
-        time.sleep(0.05)
-    status, stdout, stderr = training.wait()
+    run_dir, stderr_path = tmp_path / "run", tmp_path / "stderr.txt"
+    # A wide model makes the save long enough for three Ctrl-C; stderr goes to a file so that each
+    # signal is sent only once the handler has answered the previous one (pending signals that
+    # reach Python together run its handler once).
+    with open(stderr_path, "w") as stderr_file:
+        training = Training(
+            run_dir,
+            digits_dir,
+            "model.hidden_sizes=[2048,2048]",
+            num_steps=ENDLESS,
+            stderr=stderr_file,
+        )
+        training.wait_for(lambda: committed_steps(run_dir)[-1:] >= [10], "step 10 committed")
+        for answer in ("saving the current step", "waiting for the checkpoint", None):
+            training.send(signal.SIGINT)
+            if answer is not None:
+                training.wait_for(lambda a=answer: a in stderr_path.read_text(), repr(answer))
+        status, stdout, _ = training.wait()
+    stderr = stderr_path.read_text()
     assert status == 130, stdout + stderr
     assert "aborted (Ctrl-C)" in stderr and "Traceback" not in stderr
     step, arrays = restore_latest(run_dir)

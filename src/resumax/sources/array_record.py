@@ -14,7 +14,9 @@ import glob
 import hashlib
 import json
 import logging
+import operator
 import os
+import stat as stat_module
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,11 +75,16 @@ def _match_in(directory: str, name_pattern: str) -> list[str]:
         names = os.listdir(directory or ".")
     except OSError:
         return []
-    if not name_pattern.startswith("."):
-        names = [name for name in names if not name.startswith(".")]
-    prefix = os.path.join(directory, "")
-    matches = sorted(fnmatch.filter(names, name_pattern))
-    return [prefix + name for name in matches if not shard_index.is_index_file(name)]
+    matches = fnmatch.filter(names, name_pattern)
+    matches.sort()
+    # A pattern that starts with a literal other than "." matches no hidden name, and one that
+    # ends with a literal other than the index suffix's last character matches no index.
+    first, last = name_pattern[:1], name_pattern[-1:]
+    if first in _GLOB_CHARACTERS:
+        matches = [name for name in matches if name[:1] != "."]
+    if last in _GLOB_CHARACTERS or last == "]" or last == shard_index.INDEX_SUFFIX[-1]:
+        matches = [name for name in matches if not shard_index.is_index_file(name)]
+    return list(map(os.path.join(directory, "").__add__, matches))
 
 
 def resolve_paths(paths: PathsLike) -> list[str]:
@@ -119,10 +126,24 @@ class ResolvedFiles:
     stale: tuple[str, ...] = ()
 
 
+# Characters json.dumps writes as they are: printable ASCII but the quote and the backslash.
+_JSON_PLAIN = bytes(set(range(0x20, 0x7F)) - set(b'"\\'))
+
+
 def files_fingerprint(names: Sequence[str], counts: Sequence[int], hashes: Sequence[str]) -> str:
     """A short hash of the files' names, record counts and content hashes: identifies the
     records, not where the files live, so a moved or renamed directory keeps it."""
-    payload = json.dumps([list(names), [int(count) for count in counts], list(hashes)])
+    counts = [int(count) for count in counts]
+    text = ("".join(names) + "".join(hashes)).encode("utf-8", "backslashreplace")
+    if names and not text.translate(None, _JSON_PLAIN):
+        # Nothing to escape: the very text json.dumps gives, joined without per-item encoding.
+        quoted = '", "'
+        payload = (
+            f'[["{quoted.join(names)}"], [{", ".join(map(str, counts))}], '
+            f'["{quoted.join(hashes)}"]]'
+        )
+    else:
+        payload = json.dumps([list(names), counts, list(hashes)])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -134,34 +155,55 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
     file's fingerprint part is its size); other files are opened once to count and hashed with
     `shard_index.content_hash`. Which files were opened, and why, is logged or warned.
     """
-    names = resolve_paths(paths)
-    absolute = [path if os.path.isabs(path) else os.path.abspath(path) for path in names]
-    stats = [stat_data_file(path) for path in names]
-    lookup = shard_index.look_up(absolute, stats)
-    counts, hashes, stale = [], [], []
-    for path, stat in zip(absolute, stats, strict=True):
-        known = lookup.known.get(path)
-        if known is None:
-            reader = open_reader(path, file_identity(stat), max_open_files)
-            known = (reader.num_records(), shard_index.content_hash(path))
-            reader.close()
-        if path in lookup.stale:
-            name, why = os.path.basename(path), lookup.stale[path]
-            stale.append(f"{name}: {why}; it has {known[0]} records")
-        counts.append(known[0])
-        hashes.append(known[1] or f"size:{stat.st_size}")
-    _report_opened(absolute, lookup, stale)
-    base_names = [path.rpartition(os.sep)[2] for path in absolute]
+    found = resolve_paths(paths)
+    absolute = [path if path.startswith(os.sep) else os.path.abspath(path) for path in found]
+    identities = _stat_files(found)
+    sizes, mtimes = [i[0] for i in identities], [i[1] for i in identities]
+    names = [path.rpartition(os.sep)[2] for path in absolute]
+    lookup = shard_index.look_up(absolute, names, sizes, mtimes)
+    counts, hashes = lookup.counts, lookup.hashes
+    opened = [position for position, count in enumerate(counts) if count is None]
+    for position in opened:
+        path = absolute[position]
+        reader = open_reader(path, identities[position], max_open_files)
+        counts[position], hashes[position] = reader.num_records(), shard_index.content_hash(path)
+        reader.close()
+    if None in hashes:
+        hashes = [content or f"size:{size}" for content, size in zip(hashes, sizes, strict=True)]
+    stale = [
+        f"{names[position]}: {why}; it has {counts[position]} records"
+        for position, why in sorted(lookup.stale.items())
+    ]
+    _report_opened(absolute, [p for p in opened if p not in lookup.stale], stale)
     return ResolvedFiles(
         paths=tuple(absolute),
-        identities=tuple(map(file_identity, stats)),
+        identities=tuple(identities),
         counts=tuple(counts),
-        fingerprint=files_fingerprint(base_names, counts, hashes),
+        fingerprint=files_fingerprint(names, counts, hashes),
         stale=tuple(stale),
     )
 
 
-def _report_opened(paths: list[str], lookup: shard_index.Lookup, stale: list[str]) -> None:
+def _stat_files(paths: list[str]) -> list[FileIdentity]:
+    """The identity (size, mtime_ns, inode, device) of every data file, from one tight loop of
+    os.stat; on any missing, unreadable, directory or empty file, `stat_data_file`'s
+    DataSourceError naming the first such path."""
+    try:
+        stats = list(map(os.stat, paths))
+    except OSError:
+        stats = None
+    if stats is not None:
+        modes = set(map(operator.attrgetter("st_mode"), stats))
+        identities = list(map(_IDENTITY, stats))
+        if not any(map(stat_module.S_ISDIR, modes)) and not any(i[0] == 0 for i in identities):
+            return identities
+    return [file_identity(stat_data_file(path)) for path in paths]
+
+
+_IDENTITY = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")
+
+
+def _report_opened(paths: list[str], unindexed: list[int], stale: list[str]) -> None:
     if stale:
         shown = " | ".join(stale[:3])
         more = f" (and {len(stale) - 3} more)" if len(stale) > 3 else ""
@@ -170,14 +212,13 @@ def _report_opened(paths: list[str], lookup: shard_index.Lookup, stale: list[str
             f"count and hash their records: {shown}{more}",
             stacklevel=4,
         )
-    unindexed = len(paths) - len(lookup.known) - len(lookup.stale)
     if unindexed:
         logger.info(
             "no shard index describes %d of %d data file(s) (e.g. %s): opened them to count and "
             "hash their records",
-            unindexed,
+            len(unindexed),
             len(paths),
-            next(path for path in paths if path not in lookup.known and path not in lookup.stale),
+            paths[unindexed[0]],
         )
 
 
@@ -193,9 +234,10 @@ class ArrayRecordSourceModule(RecordSource):
         it is a pure function of (seed, epoch, position).
       decode: bytes -> example; defaults to `resumax.records.decode`.
       max_open_files: most files this process keeps open at once (readers are opened on demand
-        and the least recently used closed); None: 1/8 of the process's `ulimit -n` (128 under
-        1024), between 16 and 4096. Each worker process has its own pool. Shuffled reading over
-        more files than this reopens files (tens of microseconds each).
+        and the least recently used closed); None: `default_max_open_files()`, the process's
+        `ulimit -n` less half of it, at least 896 left free (128 under 1024, 10,000 under
+        20,000), between 16 and 32,768. Each worker process has its own pool. Shuffled reading
+        over more files than this reopens files (~30 microseconds each).
 
     The fingerprint hashes each file's name, record count and content hash (see
     `resolve_files`): a regenerated shard changes it, a moved directory does not. Every file

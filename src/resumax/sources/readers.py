@@ -18,19 +18,23 @@ from array_record.python import array_record_module
 
 from resumax.errors import DataFileNotFoundError, DataSourceError
 
-# The default pool is this fraction of the process's open-file limit (128 under `ulimit -n 1024`,
-# leaving room for everything else the process opens), within these bounds.
-_LIMIT_FRACTION, _MIN_DEFAULT, _MAX_DEFAULT = 8, 16, 4096
+# The default pool leaves half the process's open-file limit, and at least _MIN_RESERVE
+# descriptors, to everything else the process opens (sockets, pipes to workers, JAX, checkpoints):
+# 128 readers under `ulimit -n 1024` (1/8 of small limits), 10,000 under 20,000; within bounds.
+_LIMIT_FRACTION, _MIN_RESERVE, _MIN_DEFAULT, _MAX_DEFAULT = 8, 896, 16, 32768
 _RANDOM_ACCESS_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 
 
 def default_max_open_files() -> int:
-    """Readers a source keeps open by default: 1/8 of this process's `ulimit -n` (128 under
-    1024), between 16 and 4096. Each worker process has its own pool and its own limit."""
+    """Readers a source keeps open by default: the process's soft `ulimit -n` less half of it
+    (at least 896 left free), but no less than 1/8 of it: 128 under 1024, 1,024 under 2,048,
+    10,000 under 20,000; between 16 and 32,768 (an open reader costs about 2 KB). The limit is
+    read, never raised. Each worker process has its own pool and its own limit."""
     soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft_limit == resource.RLIM_INFINITY:
         return _MAX_DEFAULT
-    return max(_MIN_DEFAULT, min(_MAX_DEFAULT, soft_limit // _LIMIT_FRACTION))
+    spare = soft_limit - max(_MIN_RESERVE, soft_limit // 2)
+    return max(_MIN_DEFAULT, min(_MAX_DEFAULT, max(soft_limit // _LIMIT_FRACTION, spare)))
 
 
 # Which file a path named when the source was built, as (size, mtime_ns, inode, device): a rewrite
@@ -144,16 +148,17 @@ class ReaderPool:
         self.paths, self.identities, self.counts = paths, identities, counts
         self.max_open_files = max_open_files
         self.lock = threading.Lock()
-        self._open: OrderedDict[int, Any] = OrderedDict()
+        # file id -> open reader, least recently used first.
+        self.open_readers: OrderedDict[int, Any] = OrderedDict()
 
     def get(self, file_id: int) -> Any:
         """The reader of file `file_id`; call with `lock` held."""
-        reader = self._open.get(file_id)
+        reader = self.open_readers.get(file_id)
         if reader is not None:
-            self._open.move_to_end(file_id)
+            self.open_readers.move_to_end(file_id)
             return reader
-        while len(self._open) >= self.max_open_files:
-            self._open.popitem(last=False)[1].close()
+        while len(self.open_readers) >= self.max_open_files:
+            self.open_readers.popitem(last=False)[1].close()
         path = self.paths[file_id]
         reader = open_reader(path, self.identities[file_id], self.max_open_files)
         if reader.num_records() != self.counts[file_id]:
@@ -163,17 +168,17 @@ class ReaderPool:
                 f"data file {path!r} holds {found} records where the source counted "
                 f"{self.counts[file_id]}; the file changed: rebuild the source"
             )
-        self._open[file_id] = reader
+        self.open_readers[file_id] = reader
         return reader
 
     @property
     def num_open(self) -> int:
-        return len(self._open)
+        return len(self.open_readers)
 
     def close(self) -> None:
         with self.lock:
-            while self._open:
-                self._open.popitem()[1].close()
+            while self.open_readers:
+                self.open_readers.popitem()[1].close()
 
 
 class ArrayRecordFiles:
@@ -209,6 +214,8 @@ class ArrayRecordFiles:
                 return [read(i, i + 1)[0] for i in record_indices.tolist()]
         file_ids = np.searchsorted(self.starts, record_indices, side="right") - 1
         local_indices = (record_indices - self.starts[file_ids]).tolist()
+        if pool.max_open_files >= len(self.paths):
+            return self._read_all_open(file_ids.tolist(), local_indices)
         by_file = np.argsort(file_ids, kind="stable").tolist()
         file_ids = file_ids.tolist()
         result: list[bytes] = [b""] * len(local_indices)
@@ -221,6 +228,20 @@ class ArrayRecordFiles:
                 local = local_indices[position]
                 result[position] = read(local, local + 1)[0]
         return result
+
+    def _read_all_open(self, file_ids: list[int], local_indices: list[int]) -> list[bytes]:
+        """Reads in the given order when the pool can hold every file: nothing is ever closed,
+        so the files not yet open are opened first, then each record is one dict lookup, with
+        no grouping and no LRU bookkeeping."""
+        pool = self.pool
+        with pool.lock:
+            readers = pool.open_readers
+            for file_id in sorted(set(file_ids).difference(readers)):
+                pool.get(file_id)
+            return [
+                readers[file_id].read(local, local + 1)[0]
+                for file_id, local in zip(file_ids, local_indices, strict=True)
+            ]
 
     def close(self) -> None:
         self.pool.close()
