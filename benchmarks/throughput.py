@@ -37,8 +37,8 @@ MEAN = np.array([0.491, 0.482, 0.447], dtype=np.float32)
 STD = np.array([0.247, 0.243, 0.262], dtype=np.float32)
 
 # A contender: (first batch number, number of batches) -> (wall seconds, CPU seconds of this
-# process) for those batches, with the iterator built and its first batch taken before the clock
-# starts. The CPU time is NaN where other processes do part of the work (workers, Grain).
+# process and its worker processes) for those batches, with the iterator built and its first
+# batch taken before the clock starts. The CPU time is NaN for Grain (threads in a subprocess).
 Contender = Callable[[int, int], tuple[float, float]]
 # Peak resident memory of each worker process seen, read before it exits.
 WORKER_PEAK_RSS_KIB: dict[int, int] = {}
@@ -168,10 +168,12 @@ def resumax_pipeline(paths: str, stages: tuple = (), **options: int) -> Contende
         pipeline = Pipeline(source, stages, batch_size=BATCH_SIZE, rngs=0, **options)
         with iter(pipeline) as batches:
             next(batches)
+            workers_start = sum(map(cpu_seconds, batches.worker_pids))
             start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(num_batches):
                 next(batches)
-            cpu = math.nan if options.get("num_workers") else time.process_time() - cpu_start
+            cpu = time.process_time() - cpu_start
+            cpu += sum(map(cpu_seconds, batches.worker_pids)) - workers_start
             elapsed = time.perf_counter() - start, cpu
             for pid in batches.worker_pids:
                 WORKER_PEAK_RSS_KIB[pid] = peak_rss_kib(pid)
@@ -232,6 +234,13 @@ def warm_page_cache(paths: list[str]) -> None:
                 pass
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used (clock-tick resolution)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_kib(pid: int) -> int:
     """Peak resident memory (VmHWM) of a live process, in KiB."""
     with open(f"/proc/{pid}/status") as status:
@@ -240,8 +249,8 @@ def peak_rss_kib(pid: int) -> int:
 
 
 def report(rates: Rates, cpu_rates: Rates) -> None:
-    """Median records/s per wall second and, for contenders that run in this process alone, per
-    CPU second (less sensitive to other load on the machine)."""
+    """Median records/s per wall second and per CPU second of this process and its workers
+    (less sensitive to other load on the machine; not measured for Grain)."""
     print(f"  {'':<58} {'records/s':>10} {'per CPU s':>10}")
     for name, values in rates.items():
         cpu = statistics.median(cpu_rates[name])
@@ -296,8 +305,11 @@ def main() -> None:
     upper_cpu = [max(p) for p in zip(cpu_rates[list_reads], cpu_rates[range_reads], strict=True)]
     print(
         f"  per CPU second: (c)/(a) = {median_ratio(cpu_rates[ours], upper_cpu):.2f}, "
-        f"(c)/limit = {median_ratio(cpu_rates[ours], cpu_rates[limit]):.2f}"
+        f"(c)/limit = {median_ratio(cpu_rates[ours], cpu_rates[limit]):.2f}, "
+        f"num_workers=2/(c) = {median_ratio(cpu_rates[two_processes], cpu_rates[ours]):.2f}"
     )
+    print(f"  (c) num_workers=2/(c) = {median_ratio(rates[two_processes], rates[ours]):.2f}")
+    print(f"  (cores: {os.cpu_count()}, load average now: {os.getloadavg()[0]:.2f})")
 
     print(
         f"\nRandomMap(random crop + flip + normalise to float32) per record, batch of {BATCH_SIZE}"
@@ -312,6 +324,8 @@ def main() -> None:
     report(transform_rates, transform_cpu)
     speedup = median_ratio(transform_rates[two_workers], transform_rates[in_process])
     print(f"  2 workers / 0 workers = {speedup:.2f}   (target >= 1.6 on 2 cores)")
+    efficiency = median_ratio(transform_cpu[two_workers], transform_cpu[in_process])
+    print(f"  per CPU second: 2 workers / 0 workers = {efficiency:.2f}")
 
     if not args.skip_sizes:
         print("\nresumax over record sizes and shard counts (single process, no stages)")

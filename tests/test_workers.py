@@ -32,6 +32,7 @@ from resumax import (
 )
 from resumax.errors import ConfigError, ResumaxError, StageError
 from resumax.records import decode
+from resumax.workers import WorkerPool
 from tests.conftest import assert_batches_equal, make_examples, take
 
 BATCH = 8
@@ -50,6 +51,12 @@ def heads(example):
 
 def explode(example):
     if example["id"] == 13:
+        raise ValueError("bad pixel")
+    return example
+
+
+def explode_late(example):
+    if example["id"] == 70:
         raise ValueError("bad pixel")
     return example
 
@@ -190,6 +197,41 @@ def test_stage_error_in_a_worker_names_stage_and_record_and_stops_the_workers(sh
     assert pipeline.get_state()["batches_emitted"] == 1
     assert wait_until_stopped(workers) == []
     assert shared_memory_of(os.getpid()) == []
+
+
+def numbered_array(task):
+    if task == 37:
+        raise ValueError("task 37 fails")
+    return np.full(1000, task)
+
+
+def make_numbered_array():
+    return numbered_array
+
+
+def test_a_task_failing_inside_a_group_lets_the_results_before_it_through():
+    pool = WorkerPool(make_numbered_array, 1)
+    try:
+        received = []
+        with pytest.raises(ValueError, match="task 37 fails"):
+            for result in pool.map(range(100), max_group=16):  # groups of 16 after the first
+                received.append(int(result[0]))
+        assert received == list(range(37))
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_batches_before_a_failing_record_arrive_with_workers(shards, num_workers):
+    # Record 70 is in batch 8.
+    pipeline = build(shards, stages=[explode_late], shuffle=False, num_workers=num_workers)
+    batches = iter(pipeline)
+    delivered = []
+    with pytest.raises(StageError, match=r"failed on record 70.*bad pixel"):
+        for batch in batches:
+            delivered.append(batch)
+    assert [int(batch["id"][0]) for batch in delivered] == list(range(0, 64, BATCH))
+    assert pipeline.get_state()["batches_emitted"] == 8
 
 
 def test_closing_the_iterator_stops_the_workers_and_frees_shared_memory(shards):

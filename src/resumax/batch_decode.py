@@ -12,7 +12,7 @@ Any other span returns None and takes the per-record path, which gives the same 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -29,6 +29,14 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Shorter records are joined and cut into columns by a few numpy calls per span; longer ones are
 # copied field by field from each record, which saves a copy of the span's bytes.
 JOIN_LIMIT = 16 * 1024
+
+# nbytes -> a new, writable uint8 array of that many bytes, where the stacked fields are written.
+Allocate = Callable[[int], np.ndarray]
+
+
+def new_bytes(nbytes: int) -> np.ndarray:
+    """The default `Allocate`: private memory."""
+    return np.empty(nbytes, dtype=np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,19 +89,23 @@ class RecordLayout:
             for data in records
         )
 
-    def columns(self, records: np.ndarray | Sequence[bytes]) -> dict[str, np.ndarray]:
-        """Each field of the records (which `matches`) stacked in new memory: cut from joined
-        rows, or copied from each record (one copy instead of two, for long records)."""
+    def columns(
+        self, records: np.ndarray | Sequence[bytes], allocate: Allocate = new_bytes
+    ) -> dict[str, np.ndarray]:
+        """Each field of the records (which `matches`) stacked in new memory from `allocate`
+        (e.g. a worker's shared memory slot): cut from joined rows, or copied from each record
+        (one copy instead of two, for long records)."""
         count = len(records)
         arrays = {}
         for field in self.fields:
             if not field.is_array:
                 arrays[field.key] = np.stack([field.constant] * count)
                 continue
+            width = field.stop - field.start
+            column = allocate(count * width).reshape(count, width)
             if isinstance(records, np.ndarray):
-                column = np.ascontiguousarray(records[:, field.start : field.stop])
+                np.copyto(column, records[:, field.start : field.stop])
             else:
-                column = np.empty((count, field.stop - field.start), dtype=np.uint8)
                 for row, data in enumerate(records):
                     column[row] = memoryview(data)[field.start : field.stop]
             if field.stop == field.start:
@@ -210,11 +222,11 @@ class SpanDecoder:
     def __init__(self) -> None:
         self._layout: RecordLayout | None = None
 
-    def __call__(self, raw: Sequence[bytes]) -> StackedSpan | None:
+    def __call__(self, raw: Sequence[bytes], allocate: Allocate = new_bytes) -> StackedSpan | None:
         """The stacked fields of records in resumax's codec if they share one layout, else None.
 
         The arrays equal what decoding each record and stacking them gives (`stack_if_uniform`
-        of the decoded records), in new writable memory.
+        of the decoded records), in new writable memory from `allocate`.
         """
         if not raw:
             return None
@@ -230,4 +242,4 @@ class SpanDecoder:
             if layout is None or not layout.matches(records):
                 return None
             self._layout = layout
-        return StackedSpan(layout.columns(records), layout)
+        return StackedSpan(layout.columns(records, allocate), layout)

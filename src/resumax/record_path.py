@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from resumax.batch_decode import SpanDecoder
+from resumax.batch_decode import Allocate, SpanDecoder, new_bytes
 from resumax.batching import Chunk, stack_if_uniform
 from resumax.errors import DataSourceError, StageError
 from resumax.records import decode
@@ -47,8 +47,15 @@ class RecordPath:
             if isinstance(stage, RandomMap)
         }
         self._decode_span = SpanDecoder() if source.batch_decodable else None
+        self._allocate: Allocate = new_bytes
+
+    def use_allocator(self, allocate: Allocate) -> None:
+        """Stacks the next span's decoded fields (no per-record stages) in memory from
+        `allocate`: a worker passes its result's shared memory slot, which saves a copy."""
+        self._allocate = allocate
 
     def __call__(self, span: tuple[int, int]) -> Chunk:
+        allocate, self._allocate = self._allocate, new_bytes
         records_per_epoch = self.source.records_per_epoch
         segments = list(self._epoch_segments(*span))
         if self._decode_span is not None and not self.record_stages and len(segments) == 1:
@@ -57,7 +64,7 @@ class RecordPath:
             epoch, start, stop = segments[0]
             record_indices = self.source.record_indices(epoch, start, stop)
             raw = self.source.read_raw(record_indices)
-            stacked = self._decode_span(raw)
+            stacked = self._decode_span(raw, allocate)
             positions = np.arange(start, stop, dtype=np.int64) + epoch * records_per_epoch
             if stacked is not None:
                 return Chunk(stacked.arrays, positions, span)
