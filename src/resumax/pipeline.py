@@ -26,6 +26,7 @@ from resumax.errors import ConfigError, StageError, StateMismatchError
 from resumax.iterator import ActiveIterator, Delivery, PipelineIterator
 from resumax.operators import OperatorStates
 from resumax.packing import WindowPacker, open_window_packer, row_batches, split_packing
+from resumax.pipeline_state import PIPELINE_STATE_VERSION, check_filter_layout, check_pipeline_state
 from resumax.prefetch import Prefetcher
 from resumax.record_path import RecordPath, open_record_path
 from resumax.sources.base import DataPosition, RecordSource, V1Checkpointable
@@ -38,7 +39,6 @@ from resumax.stream_checks import (
 )
 from resumax.workers import WorkerPool, check_worker_timeout, require_picklable
 
-PIPELINE_STATE_VERSION = 1
 DEFAULT_PREFETCH = 2
 # Positions per message to a worker: each message costs ~0.2 ms of CPU (both processes).
 TASK_RECORDS = 1024
@@ -373,37 +373,9 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         A live iterator of this pipeline is ended first: it would go on from the old position.
         """
         self._active.close()
-        if not isinstance(state, dict):
-            raise StateMismatchError(f"a pipeline state must be a dict, got {type(state).__name__}")
-        for field in ("version", "source", "batches_emitted", "rng_seed"):
-            if field not in state:
-                raise StateMismatchError(f"pipeline state lacks the field {field!r}; got {state!r}")
-        for field in ("version", "rng_seed", "batch_size", "process_count"):
-            value = state.get(field, 0)
-            if type(value) is not int:  # 1.0 and True equal 1 to Python, not to a state
-                raise StateMismatchError(
-                    f"pipeline state field {field!r} must be an int, got {value!r} "
-                    f"({type(value).__name__}); the state was edited or saved by other software"
-                )
-        if state["version"] != PIPELINE_STATE_VERSION:
-            raise StateMismatchError(
-                f"pipeline state field 'version' is {state['version']!r}; this resumax reads "
-                f"version {PIPELINE_STATE_VERSION}"
-            )
-        if state["rng_seed"] != self.rng_seed:
-            raise StateMismatchError(
-                f"pipeline state field 'rng_seed' is {state['rng_seed']!r} but this pipeline has "
-                f"{self.rng_seed!r}; build the pipeline with the same rngs to resume exactly"
-            )
-        batches = state["batches_emitted"]
-        if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
-            raise StateMismatchError(f"pipeline state field 'batches_emitted' is {batches!r}")
-        if self._packing is None and "packing" in state:
-            raise StateMismatchError(
-                "pipeline state has a 'packing' entry (saved with PackSequences) but this "
-                "pipeline does not pack; resume with the stages it was saved with"
-            )
-        self._check_filter_shard(state)
+        batches = check_pipeline_state(state, self.rng_seed, packs=self._packing is not None)
+        if self._has_filter and self._packing is None:
+            check_filter_layout(state, self.process_count, self.batch_size)
         operators = self.operator_states.parse(state.get("operators"))
         before = self.source.get_state()
         self.source.set_state(state["source"])
@@ -427,24 +399,3 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
             state.get("packing"), self._global_position(), end, source_changed
         )
         self.packed_rows.set_value(rows)
-
-    def _check_filter_shard(self, state: dict[str, Any]) -> None:
-        """A Filter pipeline resumes only on the process layout it was saved with.
-
-        Without a Filter the saved position is global and any process count can continue from
-        it. With one, each process stops at its own position inside its slice of a global batch,
-        and those positions do not carry over to another split of the batch.
-        """
-        if not self._has_filter or self._packing is not None:
-            return
-        saved = (state.get("process_count", 1), state.get("batch_size", self.batch_size))
-        if saved == (self.process_count, self.batch_size) or saved[0] == self.process_count == 1:
-            return
-        field = "process_count" if saved[0] != self.process_count else "batch_size"
-        raise StateMismatchError(
-            f"pipeline state field {field!r} is {state.get(field)!r} but this pipeline has "
-            f"{getattr(self, field)!r}: a pipeline with a Filter stage keeps one position per "
-            "process inside its slice of a global batch, so it resumes only with the process "
-            "count and batch size it was saved with. Resume with those, or remove the Filter "
-            "(filter the data offline) for elastic resume"
-        )
