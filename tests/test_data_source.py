@@ -159,7 +159,7 @@ def test_a_data_source_that_does_not_pickle_is_refused_for_workers():
             raise TypeError("cannot pickle a lock")
 
     source = DataSourceModule(ArrayRecordSourceConfig(), Unpicklable(range(10)))
-    with pytest.raises(ConfigError, match="cannot be pickled.*num_workers=0"):
+    with pytest.raises(ConfigError, match="cannot be sent to worker processes.*num_workers=0"):
         Pipeline(source, batch_size=2, num_workers=2)
     (batch,) = take(Pipeline(source, batch_size=2, stages=[lambda i: {"i": i}]), 1)
     assert batch["i"].tolist() == [0, 1]

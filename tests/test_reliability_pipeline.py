@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import resumax
-import resumax.workers
+import resumax.worker_pool
 from resumax import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
@@ -232,7 +232,7 @@ def test_worker_timeout_names_the_worker_the_records_and_the_stage(shards):
 def test_without_worker_timeout_a_long_wait_logs_a_warning_naming_the_worker(
     shards, caplog, monkeypatch
 ):
-    monkeypatch.setattr(resumax.workers, "WORKER_WAIT_WARNING_SECONDS", 0.3)
+    monkeypatch.setattr(resumax.worker_pool, "WORKER_WAIT_WARNING_SECONDS", 0.3)
     # Span [40, 44) is task 10, for worker 0; it starts long after the workers' start-up.
     pipeline = build(shards, [pause_on_record_41], num_workers=2, prefetch=0)
     with caplog.at_level(logging.WARNING, logger="resumax.workers"):

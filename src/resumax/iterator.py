@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from resumax.prefetch import Prefetcher
-from resumax.workers import WorkerPool
+from resumax.worker_pool import WorkerPool
 
 if TYPE_CHECKING:
     from resumax.pipeline import Pipeline

@@ -37,7 +37,8 @@ from resumax.stream_checks import (
     require_batch,
     watch_windows,
 )
-from resumax.workers import WorkerPool, check_worker_timeout, require_picklable
+from resumax.worker_pool import WorkerPool
+from resumax.workers import check_worker_timeout, require_picklable
 
 DEFAULT_PREFETCH = 2
 # Positions per message to a worker: each message costs ~0.2 ms of CPU (both processes).
@@ -112,7 +113,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         (for launchers that split data differently, and for tests).
       worker_timeout: seconds a worker may take to answer before a WorkerError names it, its
         records and the stage it runs (None: wait, logging a warning every
-        `resumax.workers.WORKER_WAIT_WARNING_SECONDS`).
+        `resumax.worker_pool.WORKER_WAIT_WARNING_SECONDS`).
 
     Batches are identical for any num_workers and prefetch, and after a resume. Iterating
     continues from the current position; the state always describes the batches the caller has

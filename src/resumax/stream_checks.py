@@ -3,7 +3,6 @@ that names the stage and the records, never a raw traceback, a silent end or a h
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ from resumax.batching import Chunk, describe_positions
 from resumax.errors import StageError
 from resumax.sources.base import RecordSource
 from resumax.stages import Filter, Stage
+from resumax.workers import pickling_error
 
 _NAMED_RECORDS = 5
 
@@ -163,9 +163,8 @@ def unsendable_error(
     value cannot be pickled, and `producer`, the stage that made it."""
     for row, example in enumerate(chunk.examples_between(0, len(chunk))):
         for key, value in example.items():
-            try:
-                pickle.dumps(value)
-            except Exception as field_error:
+            field_error = pickling_error(value)
+            if field_error is not None:
                 record = describe_records(source, [int(chunk.positions[row])])
                 return StageError(
                     f"{producer} returned a value that cannot be sent from a worker process to "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import pickle
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from flax import nnx
 
 from resumax.errors import ConfigError, DataSourceError, RecordDecodeError
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource
+from resumax.workers import require_picklable
 
 # Items hashed into the fingerprint: evenly spaced, first and last included.
 FINGERPRINT_SAMPLES = 8
@@ -185,14 +185,12 @@ class DataSourceModule(RecordSource):
         ConfigError if the data source does not pickle: workers could not read it.
         """
         data_source = self._holder.data_source
-        try:
-            pickle.dumps(data_source)
-        except Exception as error:
-            raise ConfigError(
-                f"the data source {data_source!r} cannot be pickled ({error}), so worker "
-                "processes cannot read it; use num_workers=0, or a data source that pickles "
-                "(Grain's ArrayRecordDataSource reopens its files in each worker)"
-            ) from error
+        require_picklable(
+            data_source,
+            f"the data source {data_source!r}",
+            "use num_workers=0, or a data source that pickles (Grain's ArrayRecordDataSource "
+            "reopens its files in each worker)",
+        )
         return functools.partial(DataSourceModule, self.config, data_source, decode=self._decode)
 
     def close(self) -> None:
