@@ -27,6 +27,18 @@ def take(iterator, count: int) -> list:
     return list(itertools.islice(iterator, count))
 
 
+def batches_and_state(pipeline, count: int, state: dict | None = None, skip: int = 0):
+    """(`count` batches after skipping `skip`, the state after them) of `pipeline`, restored to
+    `state` first when given; the iterator is closed afterwards."""
+    if state is not None:
+        pipeline.set_state(state)
+    iterator = iter(pipeline)
+    take(iterator, skip)
+    batches = take(iterator, count)
+    iterator.close()
+    return batches, pipeline.get_state()
+
+
 def assert_batches_equal(actual: list[dict], expected: list[dict]) -> None:
     """Same number of batches, same fields, dtypes and values, bit for bit."""
     assert len(actual) == len(expected)

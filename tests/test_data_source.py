@@ -23,7 +23,7 @@ from resumax import (
     RecordDecodeError,
     StateMismatchError,
 )
-from tests.conftest import assert_batches_equal, make_examples, take
+from tests.conftest import assert_batches_equal, batches_and_state, make_examples, take
 
 SHUFFLED = ArrayRecordSourceConfig(seed=7, shuffle_files=True)
 
@@ -59,13 +59,7 @@ def batches_of(data_source, count, *, skip=0, state=None, **options):
     """`count` batches of 8 from a shuffled pipeline over the data source (after `skip`)."""
     source = DataSourceModule(SHUFFLED, data_source, decode=resumax.decode)
     pipeline = Pipeline(source, batch_size=8, rngs=1, **options)
-    if state is not None:
-        pipeline.set_state(state)
-    iterator = iter(pipeline)
-    take(iterator, skip)
-    batches = take(iterator, count)
-    iterator.close()
-    return batches, pipeline.get_state()
+    return batches_and_state(pipeline, count, state, skip)
 
 
 def test_grain_array_record_source_gives_the_same_records_as_our_reader(shards):

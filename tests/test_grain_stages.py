@@ -9,7 +9,7 @@ import pytest
 from grain import transforms
 
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, ConfigError, Pipeline
-from tests.conftest import assert_batches_equal, take
+from tests.conftest import assert_batches_equal, batches_and_state, take
 
 SHUFFLED = ArrayRecordSourceConfig(seed=3, shuffle_files=True)
 
@@ -44,12 +44,7 @@ def noisy_batches(shards, count, *, state=None, **options):
         ArrayRecordSourceModule(SHUFFLED, shards), stages=[AddNoise()], batch_size=8, rngs=5,
         **options,
     )  # fmt: skip
-    if state is not None:
-        pipeline.set_state(state)
-    iterator = iter(pipeline)
-    batches = take(iterator, count)
-    iterator.close()
-    return batches, pipeline.get_state()
+    return batches_and_state(pipeline, count, state)
 
 
 def test_random_map_is_identical_for_any_workers_and_prefetch_and_after_resume(shards):

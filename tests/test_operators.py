@@ -15,7 +15,7 @@ from flax import nnx
 
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Pipeline, StateMismatchError
 from resumax.checkpoint import CheckpointRestore, CheckpointSave
-from tests.conftest import assert_batches_equal, take
+from tests.conftest import assert_batches_equal, batches_and_state, take
 
 SHUFFLED = ArrayRecordSourceConfig(seed=11, shuffle_files=True)
 
@@ -47,12 +47,7 @@ def jittered(shards, count, *, state=None, operator=None, **options):
     pipeline = Pipeline(
         ArrayRecordSourceModule(SHUFFLED, shards), stages=[operator], batch_size=8, **options
     )
-    if state is not None:
-        pipeline.set_state(state)
-    iterator = iter(pipeline)
-    batches = take(iterator, count)
-    iterator.close()
-    return batches, pipeline.get_state()
+    return batches_and_state(pipeline, count, state)
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])

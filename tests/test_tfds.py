@@ -23,7 +23,7 @@ from resumax import (
 )
 from resumax.sources.tfds import TFDSDecode
 from resumax.tfexample import Example
-from tests.conftest import assert_batches_equal, take
+from tests.conftest import assert_batches_equal, batches_and_state
 
 FEATURES = "tensorflow_datasets.core.features"
 SHARD_LENGTHS = {"train": [24, 16], "test": [10]}
@@ -133,12 +133,7 @@ def test_the_dataset_folder_with_one_version_inside_also_opens(tmp_path):
 def shuffled_batches(directory, count, *, state=None, **options):
     source = tfds_source(directory, "train", ArrayRecordSourceConfig(seed=9, shuffle_files=True))
     pipeline = Pipeline(source, batch_size=6, rngs=0, **options)
-    if state is not None:
-        pipeline.set_state(state)
-    iterator = iter(pipeline)
-    batches = take(iterator, count)
-    iterator.close()
-    return batches, pipeline.get_state()
+    return batches_and_state(pipeline, count, state)
 
 
 def test_workers_and_resume_give_the_same_batches(tfds_directory):
