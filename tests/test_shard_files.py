@@ -16,6 +16,7 @@ from resumax import cli
 from resumax.errors import ConfigError, DataSourceError, StateMismatchError
 from resumax.pipeline import Pipeline
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
+from resumax.sources.base import fingerprint
 from tests.conftest import assert_batches_equal, make_examples, take
 
 
@@ -87,6 +88,24 @@ def test_a_shard_regenerated_with_the_same_name_and_count_is_refused_on_resume(t
     assert len(regenerated) == 30
     with pytest.raises(StateMismatchError, match="'fingerprint'"):
         regenerated.set_state(state)
+
+
+def test_a_state_with_the_older_names_and_counts_fingerprint_resumes_with_a_warning(tmp_path):
+    resumax.write_shards(tmp_path / "train", make_examples(30), num_shards=3)
+    glob = str(tmp_path / "train-*.array_record")
+    source = shuffled_source_of(glob, seed=3)
+    source.seek(0, 17)
+    names = [f"train-{i:05d}-of-00003.array_record" for i in range(3)]
+    older = {**source.get_state(), "fingerprint": fingerprint([(n, 10) for n in names])}
+
+    resumed = shuffled_source_of(glob, seed=3)
+    with pytest.warns(UserWarning, match="older fingerprint of file names and record counts"):
+        resumed.set_state(older)
+    assert resumed.position == (0, 17)
+    assert resumed.get_state() == source.get_state()  # the next save has the content fingerprint
+    other_counts = {**older, "fingerprint": fingerprint([(n, 11) for n in names])}
+    with pytest.raises(StateMismatchError, match="'fingerprint'"):
+        shuffled_source_of(glob, seed=3).set_state(other_counts)
 
 
 def test_one_shard_rewritten_behind_the_index_is_opened_hashed_and_refused(tmp_path):

@@ -32,7 +32,7 @@ from resumax.errors import (
     RecordDecodeError,
     StateMismatchError,
 )
-from resumax.sources.base import ArrayRecordSourceConfig, RecordSource
+from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
 from resumax.sources.readers import (
     ArrayRecordFiles,
     FileIdentity,
@@ -315,6 +315,14 @@ class ArrayRecordSourceModule(RecordSource):
     def set_state(self, state: dict[str, Any]) -> None:
         """`RecordSource.set_state`; a changed record count also names the files that differ
         from their shard index, when an index tells which."""
+        if isinstance(state, dict) and state.get("fingerprint") == self._names_and_counts_hash():
+            warnings.warn(
+                "this source state carries the older fingerprint of file names and record counts "
+                "only (saved before resumax fingerprinted file contents): resuming on these files "
+                "without checking their content; the next save records the content fingerprint",
+                stacklevel=2,
+            )
+            state = {**state, "fingerprint": self.fingerprint}
         try:
             super().set_state(state)
         except StateMismatchError as error:
@@ -322,6 +330,11 @@ class ArrayRecordSourceModule(RecordSource):
                 raise
             changed = " | ".join(self._resolved.stale[:3])
             raise StateMismatchError(f"{error}. Changed since indexed: {changed}") from error
+
+    def _names_and_counts_hash(self) -> str:
+        """The fingerprint states saved before content fingerprints had: basenames and counts."""
+        names = [os.path.basename(path) for path in self._resolved.paths]
+        return fingerprint(list(zip(names, self._resolved.counts, strict=True)))
 
     def _read_error(self, record_indices: np.ndarray, error: Exception) -> DataSourceError:
         """Names the first record of a failed batch read that cannot be read on its own."""
