@@ -64,7 +64,8 @@ def world_dir(digits_dir):
     directory = Path(tempfile.mkdtemp(prefix="resumax-guards-"))
     directory.chmod(0o777)
     shutil.copytree(digits_dir, directory / "digits")
-    for path in [directory / "digits", *(directory / "digits").iterdir()]:
+    shutil.copy(CONFIG, directory / CONFIG.name)  # the checkout may be private to root too
+    for path in [directory / "digits", *(directory / "digits").iterdir(), directory / CONFIG.name]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
@@ -73,12 +74,14 @@ def world_dir(digits_dir):
 class Training:
     """A `resumax train` child process; stdout / stderr go to pipes read at the end."""
 
-    def __init__(self, run_dir, data_dir, *overrides, num_steps=20, launcher=(), **popen):
+    def __init__(
+        self, run_dir, data_dir, *overrides, num_steps=20, launcher=(), config=CONFIG, **popen
+    ):
         command = [
             sys.executable,
             *(launcher or ["-m", "resumax", "train"]),
             "--config",
-            str(CONFIG),
+            str(config),
             *OVERRIDES,
             f"train.num_steps={num_steps}",
             f"data.dir={data_dir}",
@@ -227,7 +230,9 @@ def test_a_read_only_checkpoint_dir_is_a_config_error_for_an_unprivileged_user(w
     run_dir.mkdir(mode=0o777)
     run_dir.chmod(0o777)
     (run_dir / "checkpoints").mkdir(mode=0o755)  # owned by root: nobody cannot write it
-    training = Training(run_dir, world_dir / "digits", launcher=unprivileged())
+    training = Training(
+        run_dir, world_dir / "digits", launcher=unprivileged(), config=world_dir / CONFIG.name
+    )
     status, _, stderr = training.wait()
     assert status == 2, stderr
     assert "ConfigError: train.checkpoint_dir: cannot create or write" in stderr
@@ -242,7 +247,13 @@ def test_a_save_failing_mid_run_ends_with_one_checkpoint_error_and_keeps_the_las
     run_dir = world_dir / "run"
     run_dir.mkdir()
     run_dir.chmod(0o777)
-    training = Training(run_dir, world_dir / "digits", num_steps=ENDLESS, launcher=unprivileged())
+    training = Training(
+        run_dir,
+        world_dir / "digits",
+        num_steps=ENDLESS,
+        launcher=unprivileged(),
+        config=world_dir / CONFIG.name,
+    )
     training.wait_for(lambda: committed_steps(run_dir), "a committed step")
     (run_dir / "checkpoints").chmod(0o555)
     status, _, stderr = training.wait()
@@ -324,14 +335,14 @@ def test_a_second_ctrl_c_waits_for_the_commit(tmp_path, digits_dir):
 @pytest.mark.slow
 def test_a_third_ctrl_c_aborts_and_the_committed_steps_stay_restorable(tmp_path, digits_dir):
     run_dir, stderr_path = tmp_path / "run", tmp_path / "stderr.txt"
-    # A wide model makes the save long enough for three Ctrl-C; stderr goes to a file so that each
-    # signal is sent only once the handler has answered the previous one (pending signals that
-    # reach Python together run its handler once).
+    # A wide model (~200 MB of params and optimizer state) makes the save long enough for three
+    # Ctrl-C; stderr goes to a file so that each signal is sent only once the handler has answered
+    # the previous one (pending signals that reach Python together run its handler once).
     with open(stderr_path, "w") as stderr_file:
         training = Training(
             run_dir,
             digits_dir,
-            "model.hidden_sizes=[2048,2048]",
+            "model.hidden_sizes=[4096,4096]",
             num_steps=ENDLESS,
             stderr=stderr_file,
         )

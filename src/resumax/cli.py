@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     Ctrl-C; 2: an error (ConfigError, CheckpointError, NonFiniteLossError, ...)."""
     from resumax.train.config import load_config
     from resumax.train.loop import train
-    from resumax.train.preemption import INTERRUPTED_EXIT_STATUS, ignore_sigterm_until_exit
+    from resumax.train.preemption import INTERRUPTED_EXIT_STATUS, ignore_stop_signals_until_exit
 
     try:
         result = train(load_config(args.config, args.overrides))
@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(INTERRUPTED_EXIT_STATUS if aborted else 2)
     if result.preempted:
-        ignore_sigterm_until_exit()
+        ignore_stop_signals_until_exit()
     return INTERRUPTED_EXIT_STATUS if result.interrupted else 0
 
 

@@ -21,10 +21,11 @@ class PreemptionWatch:
     Single host: SIGTERM and SIGINT handlers that only count and set a flag (saving inside a
     handler could interleave with a save already in progress). The first SIGTERM or SIGINT asks
     the loop to save the current step and stop. A second Ctrl-C says that the run is waiting for
-    the commit; a third raises KeyboardInterrupt (abort: the step being saved may be lost, the
-    previous committed step stays the latest). Further SIGTERMs are ignored. Once a stop signal
-    has arrived the handlers stay installed until the process exits (`close` keeps them), so a
-    signal that lands while the run prints, draws or exits cannot kill it.
+    the commit; a third ends the process at once with exit status 130 (abort: the step being
+    saved may be lost, the previous committed step stays the latest). Further SIGTERMs are
+    ignored. Once a stop signal has arrived the handlers stay installed until the process exits
+    (`close` keeps them), so a signal that lands while the run prints, draws or exits cannot
+    kill it.
 
     Under `jax.distributed`, JAX's preemption service owns SIGTERM and
     `CheckpointManager.reached_preemption` makes all hosts agree on the step, so no Python handler
@@ -56,7 +57,11 @@ class PreemptionWatch:
                 "Ctrl-C once more aborts (the step being saved may be lost)"
             )
         else:
-            raise KeyboardInterrupt("aborted by a third Ctrl-C")
+            # Ends the process here: a KeyboardInterrupt raised from a handler can land in a
+            # garbage-collection finalizer or a lock wait, where Python prints and drops it.
+            # The committed steps are intact (commits are atomic); the one being saved is lost.
+            _say("resumax train: aborted (Ctrl-C)")
+            os._exit(INTERRUPTED_EXIT_STATUS)
 
     @property
     def reason(self) -> str:
@@ -79,14 +84,16 @@ class PreemptionWatch:
         self._previous = {}
 
 
-def ignore_sigterm_until_exit() -> None:
-    """Ignores SIGTERM for the rest of the process, once a run has saved and is exiting.
+def ignore_stop_signals_until_exit() -> None:
+    """Ignores SIGTERM and SIGINT for the rest of the process, once a run has saved and is exiting.
 
     While the interpreter shuts down (after `main` returns: modules, JAX's runtime) it puts
     Python-level handlers back to the default action, so a SIGTERM then would kill a run that
-    already saved (exit -15); an ignored signal stays ignored to the end.
+    already saved (exit -15), and a late Ctrl-C would print a KeyboardInterrupt traceback; an
+    ignored signal stays ignored to the end. The run is saved: there is nothing left to abort.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _say(text: str) -> None:
