@@ -14,6 +14,7 @@ import pty
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -154,8 +155,18 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "Error" in line or "Traceback" in line]
 
 
+def others_can_enter(path: Path) -> bool:
+    """True when every directory down to `path` lets other users through (mode o+x)."""
+    return all(os.stat(part).st_mode & stat.S_IXOTH for part in [path, *path.parents])
+
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not hasattr(os, "setuid"), reason="drops privileges: needs root"
+)
+# After dropping to nobody, the run still imports lazily from the checkout's .venv.
+needs_public_checkout = pytest.mark.skipif(
+    not others_can_enter(REPO.resolve()),
+    reason=f"the user nobody cannot enter the checkout {REPO} (a directory above it is private)",
 )
 
 
@@ -225,6 +236,7 @@ def test_a_directory_that_cannot_be_created_is_a_config_error_naming_the_key(
 
 @pytest.mark.slow
 @needs_root
+@needs_public_checkout
 def test_a_read_only_checkpoint_dir_is_a_config_error_for_an_unprivileged_user(world_dir):
     run_dir = world_dir / "run"
     run_dir.mkdir(mode=0o777)
@@ -241,6 +253,7 @@ def test_a_read_only_checkpoint_dir_is_a_config_error_for_an_unprivileged_user(w
 
 @pytest.mark.slow
 @needs_root
+@needs_public_checkout
 def test_a_save_failing_mid_run_ends_with_one_checkpoint_error_and_keeps_the_last_commit(
     world_dir,
 ):
