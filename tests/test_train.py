@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from array_record.python import array_record_data_source
 
@@ -28,12 +27,19 @@ from resumax.train.config import load_config
 from resumax.train.datasets import prepare_digits
 from resumax.train.loop import train
 from resumax.train.runlog import read_metrics
+from tests import training_runs
+from tests.training_runs import (
+    REPO,
+    Training,
+    committed_steps,
+    logged_steps,
+    partial_steps,
+    wait_until,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "digits.yaml"
 NUM_STEPS = 120
 SIGTERM_AT = 30
-TIMEOUT = 180
 # Small and fast: a tiny MLP with dropout (keyed by step), a checkpoint every 5 steps.
 OVERRIDES = [
     f"train.num_steps={NUM_STEPS}",
@@ -56,92 +62,17 @@ def digits_dir(tmp_path_factory):
     return directory
 
 
-def command(run_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "resumax",
-        "train",
-        "--config",
-        str(CONFIG),
-        *OVERRIDES,
-        f"data.dir={data_dir}",
-        f"train.run_dir={run_dir}",
-        *overrides,
-    ]
-
-
-class Training:
-    """A `python -m resumax train` child; stdout / stderr go to files, so no pipe can fill up."""
-
-    def __init__(self, run_dir: Path, data_dir: Path, *overrides: str):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        attempt = len(list(run_dir.glob("stdout-*.txt")))
-        self.stdout_path = run_dir / f"stdout-{attempt}.txt"
-        self.stderr_path = run_dir / f"stderr-{attempt}.txt"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(
-                command(run_dir, data_dir, *overrides), cwd=REPO, stdout=stdout, stderr=stderr
-            )
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def send(self, signum: int) -> None:
-        os.kill(self.process.pid, signum)
-
-    def wait(self) -> tuple[int, str]:
-        status = self.process.wait(timeout=TIMEOUT)
-        return status, self.stdout_path.read_text()
-
-    def finish(self) -> str:
-        """Waits for a process that must succeed; returns its stdout."""
-        status, stdout = self.wait()
-        assert status == 0, f"exit {status}\n{stdout}\n{self.stderr_path.read_text()}"
-        return stdout
+def start(run_dir: Path, data_dir: Path, *overrides: str) -> Training:
+    """A digits training child with this file's small settings (and `overrides` after them)."""
+    return Training(CONFIG, run_dir, data_dir, [*OVERRIDES, *overrides])
 
 
 def run_to_completion(run_dir: Path, data_dir: Path) -> str:
-    return Training(run_dir, data_dir).finish()
+    return start(run_dir, data_dir).finish()
 
 
-def logged_steps(run_dir: Path) -> list[int]:
-    return [line["step"] for line in read_metrics(run_dir / "metrics.jsonl")]
-
-
-def wait_until(condition, training: Training, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert training.running(), f"the training process exited before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
-
-
-def committed_steps(run_dir: Path) -> list[int]:
-    """Steps Orbax has committed: their directory was renamed from `<step>.orbax-checkpoint-tmp`."""
-    directory = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-def partial_steps(run_dir: Path) -> list[str]:
-    return [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.isdigit()]
-
-
-def final_checkpoint(run_dir: Path) -> tuple[int, dict]:
-    """(latest step, {"model": ..., "optimizer": ...}) restored from the run's checkpoints."""
-    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
-        step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, restored.state
-
-
-def stable_metrics(run_dir: Path) -> list[dict]:
-    lines = read_metrics(run_dir / "metrics.jsonl")
-    return [{k: v for k, v in line.items() if k not in VARYING_FIELDS} for line in lines]
-
-
-def params_digest(stdout: str) -> str:
-    return re.search(r"params sha256 ([0-9a-f]{64})", stdout)[1]
+def assert_same_run(run_dir: Path, reference: tuple[Path, str], stdout: str) -> None:
+    training_runs.assert_same_run(run_dir, reference, stdout, NUM_STEPS, VARYING_FIELDS)
 
 
 @pytest.fixture(scope="module")
@@ -149,31 +80,6 @@ def uninterrupted(tmp_path_factory, digits_dir):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     stdout = run_to_completion(run_dir, digits_dir)
     return run_dir, stdout
-
-
-def assert_same_run(run_dir: Path, reference: tuple[Path, str], stdout: str) -> None:
-    """Per-step metrics (all but records/s and the resumed flag) and final params are bitwise
-    equal, and the metrics file holds exactly one line per step."""
-    reference_dir, reference_stdout = reference
-    assert logged_steps(run_dir) == list(range(1, NUM_STEPS + 1))
-    assert stable_metrics(run_dir) == stable_metrics(reference_dir)
-    step, state = final_checkpoint(run_dir)
-    reference_step, reference_state = final_checkpoint(reference_dir)
-    assert step == reference_step == NUM_STEPS
-    leaves = resumax_leaves(state)
-    reference_leaves = resumax_leaves(reference_state)
-    assert [name for name, _ in leaves] == [name for name, _ in reference_leaves]
-    for (name, value), (_, reference_value) in zip(leaves, reference_leaves, strict=True):
-        assert value.dtype == reference_value.dtype, name
-        assert np.array_equal(value, reference_value), f"{name} differs"
-    assert params_digest(stdout) == params_digest(reference_stdout)
-
-
-def resumax_leaves(state: dict) -> list[tuple[str, np.ndarray]]:
-    import jax
-
-    flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    return [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in flat]
 
 
 # Data -------------------------------------------------------------------------------------------
@@ -248,7 +154,7 @@ def test_uninterrupted_run_logs_every_step_learns_and_plots(uninterrupted):
 
 def test_sigterm_then_restart_is_bitwise_identical(tmp_path, digits_dir, uninterrupted):
     run_dir = tmp_path / "run"
-    training = Training(run_dir, digits_dir)
+    training = start(run_dir, digits_dir)
     wait_until(lambda: logged_steps(run_dir)[-1:] >= [SIGTERM_AT], training, f"step {SIGTERM_AT}")
     training.send(signal.SIGTERM)
     stdout = training.finish()
@@ -275,7 +181,7 @@ def test_sigkill_during_a_save_and_at_a_random_time_is_bitwise_identical(
     run_dir = tmp_path / "run"
 
     # 1. Kill -9 the moment a step directory is being written (after at least one commit).
-    training = Training(run_dir, digits_dir)
+    training = start(run_dir, digits_dir)
     wait_until(
         lambda: (
             (run_dir / "checkpoints").is_dir()
@@ -291,7 +197,7 @@ def test_sigkill_during_a_save_and_at_a_random_time_is_bitwise_identical(
     assert partial_steps(run_dir), "the kill was meant to land during a save"
 
     # 2. Restart, and kill -9 again at a random moment (startup, restore, a step or a save).
-    training = Training(run_dir, digits_dir)
+    training = start(run_dir, digits_dir)
     delay = rng.uniform(0.5, 6.0)
     time.sleep(delay)
     training.send(signal.SIGKILL)
@@ -311,7 +217,7 @@ def test_sigkill_during_a_save_and_at_a_random_time_is_bitwise_identical(
 @pytest.mark.slow
 def test_worker_processes_train_bitwise_the_same_run(tmp_path, digits_dir, uninterrupted):
     run_dir = tmp_path / "run"
-    stdout = Training(run_dir, digits_dir, "data.num_workers=1").finish()
+    stdout = start(run_dir, digits_dir, "data.num_workers=1").finish()
     assert_same_run(run_dir, uninterrupted, stdout)
 
 

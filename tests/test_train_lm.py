@@ -8,14 +8,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import resumax
@@ -23,12 +18,19 @@ from resumax.errors import ConfigError
 from resumax.train.config import load_config
 from resumax.train.runlog import read_metrics
 from resumax.train.text_data import prepare_stdlib_text
+from tests import training_runs
+from tests.training_runs import (
+    REPO,
+    Training,
+    committed_steps,
+    logged_steps,
+    partial_steps,
+    wait_until,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "lm_mixture.yaml"
 NUM_STEPS = 60
 SIGTERM_AT = 15
-TIMEOUT = 180
 # A tiny model on short rows, a checkpoint every 5 steps: each run takes seconds.
 OVERRIDES = [
     f"train.num_steps={NUM_STEPS}",
@@ -52,96 +54,19 @@ def text_dir(tmp_path_factory):
     return directory
 
 
-class Training:
-    """A `python -m resumax train` child; stdout / stderr go to files, so no pipe can fill up."""
-
-    def __init__(self, run_dir: Path, data_dir: Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        attempt = len(list(run_dir.glob("stdout-*.txt")))
-        self.stdout_path = run_dir / f"stdout-{attempt}.txt"
-        self.stderr_path = run_dir / f"stderr-{attempt}.txt"
-        command = [
-            sys.executable,
-            "-m",
-            "resumax",
-            "train",
-            "--config",
-            str(CONFIG),
-            *OVERRIDES,
-            f"data.dir={data_dir}",
-            f"train.run_dir={run_dir}",
-        ]
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr)
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def wait(self) -> tuple[int, str]:
-        status = self.process.wait(timeout=TIMEOUT)
-        return status, self.stdout_path.read_text()
-
-    def finish(self) -> str:
-        status, stdout = self.wait()
-        assert status == 0, f"exit {status}\n{stdout}\n{self.stderr_path.read_text()}"
-        return stdout
-
-
-def wait_until(condition, training: Training, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert training.running(), f"the training process exited before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
-
-
-def logged_steps(run_dir: Path) -> list[int]:
-    return [line["step"] for line in read_metrics(run_dir / "metrics.jsonl")]
-
-
-def committed_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def partial_steps(run_dir: Path) -> list[str]:
-    return [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.isdigit()]
-
-
-def final_leaves(run_dir: Path) -> tuple[int, list[tuple[str, np.ndarray]]]:
-    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
-        step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    flat = jax.tree_util.tree_flatten_with_path(restored.state)[0]
-    return step, [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in flat]
-
-
-def stable_metrics(run_dir: Path) -> list[dict]:
-    lines = read_metrics(run_dir / "metrics.jsonl")
-    return [{k: v for k, v in line.items() if k not in VARYING_FIELDS} for line in lines]
-
-
-def params_digest(stdout: str) -> str:
-    return re.search(r"params sha256 ([0-9a-f]{64})", stdout)[1]
+def start(run_dir: Path, data_dir: Path) -> Training:
+    """A language-model training child with this file's small settings."""
+    return Training(CONFIG, run_dir, data_dir, OVERRIDES)
 
 
 def assert_same_run(run_dir: Path, reference: tuple[Path, str], stdout: str) -> None:
-    """Per-step metrics and every saved leaf (params, optimizer state) are bitwise equal."""
-    reference_dir, reference_stdout = reference
-    assert logged_steps(run_dir) == list(range(1, NUM_STEPS + 1))
-    assert stable_metrics(run_dir) == stable_metrics(reference_dir)
-    step, leaves = final_leaves(run_dir)
-    reference_step, reference_leaves = final_leaves(reference_dir)
-    assert step == reference_step == NUM_STEPS
-    assert [name for name, _ in leaves] == [name for name, _ in reference_leaves]
-    for (name, value), (_, expected) in zip(leaves, reference_leaves, strict=True):
-        assert value.dtype == expected.dtype and np.array_equal(value, expected), name
-    assert params_digest(stdout) == params_digest(reference_stdout)
+    training_runs.assert_same_run(run_dir, reference, stdout, NUM_STEPS, VARYING_FIELDS)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, text_dir):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    return run_dir, Training(run_dir, text_dir).finish()
+    return run_dir, start(run_dir, text_dir).finish()
 
 
 # Data and config --------------------------------------------------------------------------------
@@ -199,14 +124,14 @@ def test_uninterrupted_run_logs_loss_tokens_per_s_and_packing_efficiency(uninter
 @pytest.mark.slow
 def test_sigterm_then_restart_is_bitwise_identical(tmp_path, text_dir, uninterrupted):
     run_dir = tmp_path / "run"
-    training = Training(run_dir, text_dir)
+    training = start(run_dir, text_dir)
     wait_until(lambda: logged_steps(run_dir)[-1:] >= [SIGTERM_AT], training, f"step {SIGTERM_AT}")
     os.kill(training.process.pid, signal.SIGTERM)
     stdout = training.finish()
     stopped = int(re.search(r"preempted \(SIGTERM\): saved step (\d+)", stdout)[1])
     assert SIGTERM_AT <= stopped < NUM_STEPS
     assert committed_steps(run_dir)[-1] == stopped
-    stdout = Training(run_dir, text_dir).finish()
+    stdout = start(run_dir, text_dir).finish()
     assert f"resumed from step {stopped}" in stdout
     assert_same_run(run_dir, uninterrupted, stdout)
 
@@ -214,7 +139,7 @@ def test_sigterm_then_restart_is_bitwise_identical(tmp_path, text_dir, uninterru
 @pytest.mark.slow
 def test_sigkill_during_a_save_then_restart_is_bitwise_identical(tmp_path, text_dir, uninterrupted):
     run_dir = tmp_path / "run"
-    training = Training(run_dir, text_dir)
+    training = start(run_dir, text_dir)
     wait_until(
         lambda: (
             (run_dir / "checkpoints").is_dir()
@@ -227,7 +152,7 @@ def test_sigkill_during_a_save_then_restart_is_bitwise_identical(tmp_path, text_
     os.kill(training.process.pid, signal.SIGKILL)
     assert training.wait()[0] == -signal.SIGKILL
     committed = committed_steps(run_dir)
-    stdout = Training(run_dir, text_dir).finish()
+    stdout = start(run_dir, text_dir).finish()
     assert f"resumed from step {committed[-1]}" in stdout
     assert not partial_steps(run_dir)
     assert_same_run(run_dir, uninterrupted, stdout)
