@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import io
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from grain.sources import ArrayRecordDataSource
 from PIL import Image
+from rates import items_per_second
 
 import resumax
 from resumax.sources.tfds import TFDSDecode
@@ -41,15 +41,7 @@ def png_of(i: int) -> bytes:
 
 
 def records_per_second(source: resumax.RecordSource, batches: int) -> float:
-    pipeline = resumax.Pipeline(source, batch_size=BATCH, prefetch=0)
-    iterator = iter(pipeline)
-    next(iterator)  # warm up
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    elapsed = time.perf_counter() - start
-    iterator.close()
-    return batches * BATCH / elapsed
+    return items_per_second(resumax.Pipeline(source, batch_size=BATCH, prefetch=0), batches)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rates import items_per_second
 
 import resumax
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, MixtureSource, Pipeline
@@ -54,14 +55,8 @@ def state_bytes(directory: Path, corpora: int) -> int:
 
 
 def records_per_second(source: resumax.RecordSource, batches: int) -> float:
-    iterator = iter(Pipeline(source, [resumax.Pad({"tokens": 64})], batch_size=BATCH_SIZE))
-    next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    elapsed = time.perf_counter() - start
-    iterator.close()
-    return batches * BATCH_SIZE / elapsed
+    pipeline = Pipeline(source, [resumax.Pad({"tokens": 64})], batch_size=BATCH_SIZE)
+    return items_per_second(pipeline, batches)
 
 
 def lookup_seconds(source: MixtureSource, position: int, repeats: int = 200) -> float:

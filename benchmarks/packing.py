@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 from pathlib import Path
 
 import numpy as np
+from rates import items_per_second
 
 import resumax
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, PackSequences, Pipeline
@@ -77,14 +77,7 @@ def efficiency(paths: str, length: int, window: int, batches: int) -> float:
 
 def rows_per_second(paths: str, batches: int, num_workers: int) -> float:
     pipeline = build(paths, LENGTH, DEFAULT_WINDOW, num_workers=num_workers)
-    iterator = iter(pipeline)
-    next(iterator)
-    start = time.perf_counter()
-    for _ in itertools.islice(iterator, batches):
-        pass
-    seconds = time.perf_counter() - start
-    iterator.close()
-    return batches * BATCH_SIZE / seconds
+    return items_per_second(pipeline, batches)
 
 
 def reads_per_process(paths: str, global_batches: int, process_count: int) -> list[ReadCounter]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from rates import items_per_second
 
 import resumax
 from resumax.pipeline import Pipeline
@@ -58,15 +59,9 @@ def records_per_second(
     source = ArrayRecordSourceModule(config, paths, **source_options)
     if warm:
         source.read_raw(np.arange(len(source)))
-    iterator = iter(Pipeline(source=source, batch_size=BATCH, prefetch=0))
-    next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    elapsed = time.perf_counter() - start
-    iterator.close()
+    rate = items_per_second(Pipeline(source=source, batch_size=BATCH, prefetch=0), batches)
     source.close()
-    return batches * BATCH / elapsed
+    return rate
 
 
 class RepeatedSource(RecordSource):
