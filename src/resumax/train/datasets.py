@@ -64,17 +64,23 @@ def _clear_partial_dirs(directory: str) -> None:
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def _write_split(
-    prefix: str, examples: list[dict[str, Any]], num_shards: int, progress: tqdm
+def write_split(
+    prefix: str,
+    items: list[Any],
+    num_shards: int,
+    progress: tqdm,
+    to_record: Callable[[Any], dict[str, Any]] = lambda item: item,
 ) -> None:
-    bounds = np.linspace(0, len(examples), num_shards + 1).astype(int)
+    """Writes `to_record(item)` for each item as `prefix-0000K-of-0000N.array_record` shards of
+    near-equal size, counting each record on `progress`."""
+    bounds = np.linspace(0, len(items), num_shards + 1).astype(int)
     paths = shard_paths(prefix, num_shards)
     for path, start, stop in zip(paths, bounds[:-1], bounds[1:], strict=True):
 
         def counted(first: int = start, last: int = stop) -> Iterator[dict[str, Any]]:
-            for example in examples[first:last]:
+            for item in items[first:last]:
                 progress.update(1)
-                yield example
+                yield to_record(item)
 
         write_array_record(path, counted())
 
@@ -89,8 +95,8 @@ def prepare_digits(directory: str | os.PathLike) -> bool:
     def write(partial: str) -> None:
         train, test = digits_examples()
         with tqdm(total=len(train) + len(test), desc="preparing digits", unit="rec") as progress:
-            _write_split(os.path.join(partial, "train"), train, DIGITS_TRAIN_SHARDS, progress)
-            _write_split(os.path.join(partial, "test"), test, DIGITS_TEST_SHARDS, progress)
+            write_split(os.path.join(partial, "train"), train, DIGITS_TRAIN_SHARDS, progress)
+            write_split(os.path.join(partial, "test"), test, DIGITS_TEST_SHARDS, progress)
 
     return write_atomically(directory, write)
 

@@ -7,14 +7,11 @@ from __future__ import annotations
 import glob
 import os
 import sysconfig
-from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from resumax.records import shard_paths, write_array_record
-from resumax.train.datasets import write_atomically
+from resumax.train.datasets import write_atomically, write_split
 
 # Code records are runs of blank-line separated blocks of one module, cut near this many bytes.
 CODE_CHUNK_BYTES = 1024
@@ -56,19 +53,6 @@ def code_texts() -> list[str]:
     return chunks
 
 
-def _write_corpus(prefix: str, texts: list[str], progress: tqdm) -> None:
-    bounds = np.linspace(0, len(texts), SHARDS_PER_CORPUS + 1).astype(int)
-    paths = shard_paths(prefix, SHARDS_PER_CORPUS)
-    for path, start, stop in zip(paths, bounds[:-1], bounds[1:], strict=True):
-
-        def records(first: int = start, last: int = stop) -> Iterator[dict[str, Any]]:
-            for text in texts[first:last]:
-                progress.update(1)
-                yield _tokens(text)
-
-        write_array_record(path, records())
-
-
 def prepare_stdlib_text(directory: str | os.PathLike) -> bool:
     """Writes `prose-*` and `code-*` shards of {"tokens": uint8 bytes} records into `directory`.
 
@@ -81,6 +65,7 @@ def prepare_stdlib_text(directory: str | os.PathLike) -> bool:
         total = sum(map(len, corpora.values()))
         with tqdm(total=total, desc="preparing stdlib_text", unit="rec") as progress:
             for name, texts in corpora.items():
-                _write_corpus(os.path.join(partial, name), texts, progress)
+                prefix = os.path.join(partial, name)
+                write_split(prefix, texts, SHARDS_PER_CORPUS, progress, _tokens)
 
     return write_atomically(directory, write)
