@@ -102,7 +102,7 @@ def restore_into(item: Stateful, directory: epath.Path) -> Stateful:
     return item
 
 
-_SHARED_FIELDS = ("fingerprint", "num_records", "seed", "shuffle")
+_SHARED_FIELDS = ("fingerprint", "num_records", "seed", "shuffle", "shuffle_window")
 
 
 def check_process_states(directory: epath.Path, process_count: int) -> None:

@@ -41,6 +41,7 @@ from resumax.sources.readers import (
     open_reader,
     stat_data_file,
 )
+from resumax.sources.window_reads import BlockCache
 
 _GLOB_CHARACTERS = frozenset("*?[")
 logger = logging.getLogger("resumax")
@@ -272,6 +273,12 @@ class ArrayRecordSourceModule(RecordSource):
             raise DataSourceError(f"the data files {self.paths} hold no records")
         self._decode = decode or records.decode
         super().__init__(config, records_per_epoch=int(total), fingerprint=paths.fingerprint)
+        window = config.shuffle_window
+        self._blocks = BlockCache(self._files, window) if window is not None else None
+
+    def file_record_counts(self) -> Sequence[int]:
+        """Records of each file, in the order of `paths`."""
+        return self._resolved.counts
 
     @property
     def batch_decodable(self) -> bool:
@@ -284,6 +291,8 @@ class ArrayRecordSourceModule(RecordSource):
         self.check_open()
         record_indices = np.asarray(record_indices, dtype=np.int64)
         try:
+            if self._blocks is not None:
+                return self._blocks.read(record_indices)
             return self._files.read(record_indices)
         except DataSourceError:
             raise
@@ -362,5 +371,7 @@ class ArrayRecordSourceModule(RecordSource):
 
     def close(self) -> None:
         """Closes the open file readers; a later read opens them again."""
+        if self._blocks is not None:
+            self._blocks.clear()
         self._files.close()
         super().close()

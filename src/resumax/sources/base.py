@@ -17,6 +17,7 @@ from flax import nnx
 
 from resumax import order
 from resumax.errors import ConfigError, DataSourceError, StateMismatchError
+from resumax.sources.window_order import WindowOrder
 
 STATE_VERSION = 1
 # Positions whose order is computed together: large enough to amortise numpy call overhead,
@@ -34,11 +35,17 @@ class ArrayRecordSourceConfig:
     seed: shuffle seed; epoch e is shuffled with `seed + e`.
     num_epochs: -1 iterates forever; N > 0 stops after N epochs.
     shuffle_files: True shuffles records globally (across files) with a fresh order each epoch.
+    shuffle_window: None (default) keeps that global record-level shuffle. An int W (with
+      shuffle_files=True) shuffles the files' order each epoch and permutes the records within
+      windows of W consecutive records of that file order (`resumax.sources.window_order`):
+      each file is read once per window instead of once per record, which over many small
+      shards is far faster, at the price of a shuffle that mixes records only within a window.
     """
 
     seed: int = 42
     num_epochs: int = -1
     shuffle_files: bool = False
+    shuffle_window: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -54,6 +61,18 @@ class ArrayRecordSourceConfig:
             )
         if not isinstance(self.shuffle_files, bool):
             raise ConfigError(f"shuffle_files must be a bool, got {self.shuffle_files!r}")
+        window = self.shuffle_window
+        if window is not None:
+            if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+                raise ConfigError(
+                    f"shuffle_window must be None (global shuffle) or an int >= 1 (records per "
+                    f"shuffle window), got shuffle_window={window!r}"
+                )
+            if not self.shuffle_files:
+                raise ConfigError(
+                    f"shuffle_window={window} needs shuffle_files=True: it says how records are "
+                    "shuffled; drop it to read in order"
+                )
 
 
 class DataPosition(nnx.Variable):
@@ -123,6 +142,7 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         self.current_epoch = DataPosition(0)
         self.current_index = DataPosition(0)
         self._order_cache = _OrderBlockCache()
+        self._window_order: WindowOrder | None = None
         self._closed = False
 
     def read_records(self, record_indices: Sequence[int]) -> list[Any]:
@@ -151,6 +171,11 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
 
     def __len__(self) -> int:
         return self.records_per_epoch
+
+    def file_record_counts(self) -> Sequence[int]:
+        """Records of each file in dataset order, which `shuffle_window` keeps together; a source
+        without files is one file."""
+        return [self.records_per_epoch]
 
     # Lifetime ---------------------------------------------------------------------------------
 
@@ -201,6 +226,12 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         """Dataset indices at positions [start, stop) of an epoch (stop <= records_per_epoch)."""
         if not self.config.shuffle_files:
             return np.arange(start, stop, dtype=np.int64)
+        if self.config.shuffle_window is not None:
+            if self._window_order is None:
+                self._window_order = WindowOrder(
+                    self.file_record_counts(), self.config.seed, self.config.shuffle_window
+                )
+            return self._window_order.record_indices(epoch, start, stop)
         first_block, last_block = start // ORDER_BLOCK, (stop - 1) // ORDER_BLOCK
         if first_block != last_block:
             middle = (first_block + 1) * ORDER_BLOCK
@@ -242,7 +273,7 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
     def get_state(self) -> dict[str, Any]:
         """The position as a small JSON-serialisable dict, O(1) in the dataset size."""
         epoch, index = self.position
-        return {
+        state = {
             "version": STATE_VERSION,
             "current_epoch": epoch,
             "current_index": index,
@@ -251,6 +282,10 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
             "num_records": self.records_per_epoch,
             "fingerprint": self.fingerprint,
         }
+        if self.config.shuffle_window is not None:
+            # Only when set: states of the global shuffle stay as they were.
+            state["shuffle_window"] = self.config.shuffle_window
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a position saved by `get_state`, after checking it belongs to this source."""
@@ -269,6 +304,12 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
                     f"{expected[field]!r}; the state was saved for another "
                     f"{'state version' if field == 'version' else 'dataset or config'}"
                 )
+        if state.get("shuffle_window") != self.config.shuffle_window:
+            raise StateMismatchError(
+                f"source state field 'shuffle_window' is {state.get('shuffle_window')!r} but this "
+                f"source has {self.config.shuffle_window!r}; the records come in another order: "
+                "resume with the shuffle_window the state was saved with"
+            )
         epoch, index = state["current_epoch"], state["current_index"]
         for name, value in (("current_epoch", epoch), ("current_index", index)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -19,7 +19,7 @@ from resumax.sources import mixture_schedule as schedule
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
 
 # Fields of a component's state that say which records it orders, and how.
-_COMPONENT_IDENTITY = ("fingerprint", "num_records", "seed", "shuffle")
+_COMPONENT_IDENTITY = ("fingerprint", "num_records", "seed", "shuffle", "shuffle_window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +122,8 @@ class MixtureSource(RecordSource):
                 "a MixtureSource is infinite: its config needs num_epochs=-1, got "
                 f"num_epochs={config.num_epochs}; limit training by steps instead"
             )
+        if config.shuffle_window is not None:
+            raise ConfigError("a MixtureSource takes no shuffle_window; set it on its components")
         self.names = tuple(_check_components(sources, weights))
         self.components = {name: sources[name] for name in self.names}
         self.weights = {name: _json_number(weights[name]) for name in self.names}
@@ -345,11 +347,11 @@ class MixtureSource(RecordSource):
             if not isinstance(entry, dict):
                 raise StateMismatchError(f"mixture component {name!r}: state {entry!r}")
             for field in _COMPONENT_IDENTITY:
-                if entry.get(field) != expected[field]:
+                if entry.get(field) != expected.get(field):
                     raise StateMismatchError(
                         f"mixture component {name!r}: saved {field}={entry.get(field)!r} but "
-                        f"this component has {expected[field]!r}; the state was saved for other "
-                        "data or another order of it"
+                        f"this component has {expected.get(field)!r}; the state was saved for "
+                        "other data or another order of it"
                     )
             epoch = _non_negative(entry.get("current_epoch"), f"{name}.current_epoch")
             index = _non_negative(entry.get("current_index"), f"{name}.current_index")
