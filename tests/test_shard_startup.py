@@ -17,7 +17,7 @@ import resumax
 from resumax import shard_index
 from resumax.errors import DataFileNotFoundError, DataSourceError
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, resolve_paths
-from resumax.sources.array_record import files_fingerprint
+from resumax.sources.array_record import files_fingerprint, resolve_files
 from resumax.sources.readers import default_max_open_files
 from tests.conftest import make_examples
 
@@ -129,3 +129,40 @@ def test_globs_skip_hidden_files_and_indexes_unless_the_pattern_names_them(tmp_p
     }
     with pytest.raises(DataFileNotFoundError, match="matches no file"):
         resolve_paths(str(tmp_path / "*n"))
+
+
+def test_an_indexed_set_is_identified_from_its_listing_as_a_stat_would(tmp_path):
+    resumax.write_shards(tmp_path / "train", make_examples(30), num_shards=3)
+    glob = str(tmp_path / "train-*.array_record")
+    listed = resolve_files(glob)
+    index_file = tmp_path / "train.index.json"
+    index = json.loads(index_file.read_text())
+    assert len(index[shard_index.INODES]) == 3
+    del index[shard_index.INODES]  # as indexes written before inodes were
+    index_file.write_text(json.dumps(index))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stated = resolve_files(glob)
+    assert listed == stated
+
+
+def test_a_shard_rewritten_in_place_behind_the_index_is_refused_naming_it_when_opened(tmp_path):
+    paths = resumax.write_shards(tmp_path / "train", make_examples(30), num_shards=3)
+    other = tmp_path / "other.array_record"
+    resumax.write_array_record(other, make_examples(12))
+    with open(paths[1], "r+b") as file:  # same inode, other size and content
+        file.truncate(0)
+        file.write(other.read_bytes())
+
+    source = ArrayRecordSourceModule(ArrayRecordSourceConfig(), str(tmp_path / "train-*"))
+    assert int(source[0]["id"]) == 0
+    with pytest.raises(DataSourceError, match="train-00001-of-00003.array_record.*changed"):
+        source[10]
+
+
+def test_a_replaced_shard_is_found_by_its_new_inode_and_named(tmp_path):
+    paths = resumax.write_shards(tmp_path / "train", make_examples(30), num_shards=3)
+    resumax.write_array_record(paths[2], make_examples(14)[2:])  # written anew, then renamed
+    with pytest.warns(UserWarning, match="train-00002-of-00003.array_record"):
+        source = ArrayRecordSourceModule(ArrayRecordSourceConfig(), str(tmp_path / "train-*"))
+    assert len(source) == 32

@@ -176,21 +176,24 @@ def content_hash(path: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def index_entry(path: str, name: str, num_records: int) -> tuple[str, int, int, int, str]:
-    """(name, record count, size, mtime_ns, content hash) of one written shard (`path` may be its
-    `.partial` file: a rename keeps size and mtime)."""
+def index_entry(path: str, name: str, num_records: int) -> tuple[str, int, int, int, str, int]:
+    """(name, record count, size, mtime_ns, content hash, inode) of one written shard (`path` may
+    be its `.partial` file: a rename keeps size, mtime and inode)."""
     stat = os.stat(path)
-    return name, int(num_records), stat.st_size, stat.st_mtime_ns, content_hash(path)
+    return name, int(num_records), stat.st_size, stat.st_mtime_ns, content_hash(path), stat.st_ino
 
 
 _COLUMNS = ("names", "num_records", "sizes", "mtime_ns", "content_hashes")
+# Optional: indexes written before it lack it, and a source then stats every file.
+INODES = "inodes"
 
 
-def write_index(path: str, entries: Sequence[tuple[str, int, int, int, str]]) -> None:
+def write_index(path: str, entries: Sequence[tuple]) -> None:
     """Writes an index file at `path`: JSON with one list per column (fast to load for 10^5
-    shards), in the order of `index_entry`'s fields."""
+    shards), in the order of `index_entry`'s fields (the inodes only when every entry has one)."""
     payload: dict = {"format": INDEX_FORMAT, "version": INDEX_VERSION}
-    for position, column in enumerate(_COLUMNS):
+    columns = (*_COLUMNS, INODES) if all(len(e) > len(_COLUMNS) for e in entries) else _COLUMNS
+    for position, column in enumerate(columns):
         payload[column] = [entry[position] for entry in entries]
     with open(path, "w") as file:
         json.dump(payload, file, separators=(",", ":"))

@@ -33,6 +33,7 @@ from resumax.errors import (
     StateMismatchError,
 )
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
+from resumax.sources.listed_files import identify_by_listing
 from resumax.sources.readers import (
     ArrayRecordFiles,
     FileIdentity,
@@ -154,13 +155,24 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
     Record counts and content hashes come from the shard index `write_shards` writes beside a
     set, or from a TFDS `dataset_info.json` (`shardLengths`; TFDS stores no hash, so such a
     file's fingerprint part is its size); other files are opened once to count and hashed with
-    `shard_index.content_hash`. Which files were opened, and why, is logged or warned.
+    `shard_index.content_hash`. Which files were opened, and why, is logged or warned. A whole
+    set whose index records inodes is identified from one directory listing, with no stat per
+    file (`listed_files`); each file is still checked against that identity when opened.
     """
     found = resolve_paths(paths)
     absolute = [path if path.startswith(os.sep) else os.path.abspath(path) for path in found]
+    names = [path.rpartition(os.sep)[2] for path in absolute]
+    listed = identify_by_listing(absolute)
+    if listed is not None:
+        identities, counts, hashes = listed
+        return ResolvedFiles(
+            paths=tuple(absolute),
+            identities=tuple(identities),
+            counts=tuple(counts),
+            fingerprint=files_fingerprint(names, counts, hashes),
+        )
     identities = _stat_files(found)
     sizes, mtimes = [i[0] for i in identities], [i[1] for i in identities]
-    names = [path.rpartition(os.sep)[2] for path in absolute]
     lookup = shard_index.look_up(absolute, names, sizes, mtimes)
     counts, hashes = lookup.counts, lookup.hashes
     opened = [position for position, count in enumerate(counts) if count is None]

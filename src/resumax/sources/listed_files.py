@@ -1,0 +1,59 @@
+"""A whole indexed shard set identified from one directory listing, without a stat per file: each
+file's inode in the listing must be the one its index entry records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from resumax import shard_index
+from resumax.sources.readers import FileIdentity
+
+# (identities, record counts, content hashes) of the files, in their order.
+Listed = tuple[list[FileIdentity], list[int], list[str]]
+
+
+def identify_by_listing(paths: Sequence[str]) -> Listed | None:
+    """The identities, counts and hashes of `paths` from their shard index when `paths` are a
+    whole `-NNNNN-of-MMMMM` set of one directory in shard order, the index lists exactly their
+    names, and the directory lists every file (a regular file, not a link) with the inode its
+    entry records; else None, and the caller stats every file.
+
+    A file replaced since it was indexed (a write and rename, as `write_shards` does) has a new
+    inode, so the set falls back to the stat of every file and names it. One rewritten in place
+    keeps its inode: it is refused, named, when it is opened, since its size and modification
+    time then differ from the identity taken from the index.
+    """
+    shard = shard_index.complete_set(paths)
+    if shard is None:
+        return None
+    directory = paths[0].rpartition(os.sep)[0]
+    index = shard_index.index_path(os.path.join(directory, shard.stem))
+    try:
+        with open(index) as file:
+            payload = json.load(file)
+        names, counts = payload["names"], payload["num_records"]
+        sizes, mtimes = payload["sizes"], payload["mtime_ns"]
+        hashes, inodes = payload["content_hashes"], payload[shard_index.INODES]
+        if (
+            payload.get("format") != shard_index.INDEX_FORMAT
+            or payload.get("version") != shard_index.INDEX_VERSION
+            or len(names) != len(paths)
+            or {len(counts), len(sizes), len(mtimes), len(hashes), len(inodes)} != {len(paths)}
+            or not all(type(count) is int and count >= 0 for count in counts)
+            or not all(type(size) is int and size > 0 for size in sizes)
+        ):
+            return None
+        if [path.rpartition(os.sep)[2] for path in paths] != names:
+            return None
+        device = os.stat(directory or ".").st_dev
+        with os.scandir(directory or ".") as entries:
+            listed = {e.name: e.inode() for e in entries if e.is_file(follow_symlinks=False)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if [listed.get(name) for name in names] != inodes:
+        return None
+    identities = list(zip(sizes, mtimes, inodes, [device] * len(names), strict=True))
+    return identities, counts, hashes
