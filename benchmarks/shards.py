@@ -7,6 +7,7 @@ seconds and the ratios the speed issue targets (medians of interleaved rounds, o
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -51,17 +52,37 @@ def first_batch_seconds(paths: str, shuffle: bool, **source_options: Any) -> flo
 
 
 def records_per_second(
-    paths: str, shuffle: bool, batches: int, warm: bool = False, **source_options: Any
+    paths: str,
+    shuffle: bool,
+    batches: int,
+    warm: bool = False,
+    window: int | None = None,
+    **source_options: Any,
 ) -> float:
     """Records/s over `batches` batches after the first (a fresh source and pipeline); `warm`
-    reads one whole epoch first, so that every reader the pool can hold is already open."""
-    config = ArrayRecordSourceConfig(seed=2, shuffle_files=shuffle)
+    reads one whole epoch first, so that every reader the pool can hold is already open;
+    `window` is the config's shuffle_window (the file-grouped shuffle)."""
+    config = ArrayRecordSourceConfig(seed=2, shuffle_files=shuffle, shuffle_window=window)
     source = ArrayRecordSourceModule(config, paths, **source_options)
     if warm:
         source.read_raw(np.arange(len(source)))
     rate = items_per_second(Pipeline(source=source, batch_size=BATCH, prefetch=0), batches)
     source.close()
     return rate
+
+
+def window_rows(
+    one: str, many: str, windows: list[int], batches: int
+) -> dict[str, Callable[[], float]]:
+    """Throughput measures of the file-grouped shuffle (shuffle_window) over shards and over the
+    one file, per window size."""
+    rows: dict[str, Callable[[], float]] = {}
+    for window in windows:
+        for name, paths in (("shards", many), ("one file", one)):
+            rows[f"{name}, shuffle_window {window}"] = functools.partial(
+                records_per_second, paths, True, batches, window=window
+            )
+    return rows
 
 
 class RepeatedSource(RecordSource):
@@ -114,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096, 16384])
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="resumax-shards-") as directory:
         data = examples(args.records, args.record_bytes)
@@ -170,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shards, in order, warm": lambda: records_per_second(
                     many, False, args.batches, warm=True, **all_open
                 ),
+                **window_rows(one, many, args.windows, args.batches),
             },
         )
         print("\nthroughput (records/s)")
@@ -182,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  ratio {name} / {one_file}: {speed[name] / speed[one_file]:.2f} (target >= 0.8)"
             )
+            if "window" in name:
+                same = name.replace("shards", "one file")
+                print(f"  ratio {name} / {same}: {speed[name] / speed[same]:.2f}")
     backing = [resumax.decode(record) for record in examples(BATCH * 4, args.record_bytes)]
     restore = median_of(
         args.rounds * 4,

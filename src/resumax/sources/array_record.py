@@ -14,9 +14,7 @@ import glob
 import hashlib
 import json
 import logging
-import operator
 import os
-import stat as stat_module
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,9 +36,8 @@ from resumax.sources.readers import (
     ArrayRecordFiles,
     FileIdentity,
     default_max_open_files,
-    file_identity,
     open_reader,
-    stat_data_file,
+    stat_files,
 )
 from resumax.sources.window_reads import BlockCache
 
@@ -51,7 +48,11 @@ PathLike = str | bytes | os.PathLike
 PathsLike = PathLike | Sequence[PathLike]
 
 
-def _expand(pattern: str) -> list[str]:
+# Directory (absolute) -> {name: inode of a regular file, or -1}, from the listing of a glob.
+Listings = dict[str, dict[str, int]]
+
+
+def _expand(pattern: str, listings: Listings) -> list[str]:
     """An existing path as it is; otherwise the sorted matches of the glob (never an index file).
 
     A directory part that exists literally (`run[1]/`) is taken literally too, so only the
@@ -61,7 +62,7 @@ def _expand(pattern: str) -> list[str]:
         return [pattern]
     directory, name = os.path.split(pattern)
     if not _GLOB_CHARACTERS.intersection(directory) or os.path.isdir(directory):
-        matches = _match_in(directory, name)
+        matches = _match_in(directory, name, listings)
     else:
         matches = sorted(path for path in glob.glob(pattern) if not shard_index.is_index_file(path))
     if not matches:
@@ -70,14 +71,20 @@ def _expand(pattern: str) -> list[str]:
     return matches
 
 
-def _match_in(directory: str, name_pattern: str) -> list[str]:
+def _match_in(directory: str, name_pattern: str, listings: Listings) -> list[str]:
     """Sorted files of one literal directory whose names match, as glob would (no hidden files
-    unless the pattern starts with a dot), in one listing: fast for 10^5 shards."""
+    unless the pattern starts with a dot), in one listing: fast for 10^5 shards. The listing's
+    inodes go to `listings` (`listed_files` identifies an indexed set by them)."""
     try:
-        names = os.listdir(directory or ".")
+        with os.scandir(directory or ".") as entries:
+            inodes = {
+                entry.name: entry.inode() if entry.is_file(follow_symlinks=False) else -1
+                for entry in entries
+            }
     except OSError:
         return []
-    matches = fnmatch.filter(names, name_pattern)
+    listings[os.path.abspath(directory or ".")] = inodes
+    matches = fnmatch.filter(inodes, name_pattern)
     matches.sort()
     # A pattern that starts with a literal other than "." matches no hidden name, and one that
     # ends with a literal other than the index suffix's last character matches no index.
@@ -95,6 +102,11 @@ def resolve_paths(paths: PathsLike) -> list[str]:
     A path that exists is taken literally even when it holds glob characters (`run[1]/x`); only
     patterns that match no existing file are expanded, and their matches sorted.
     """
+    return _resolve_paths(paths, {})
+
+
+def _resolve_paths(paths: PathsLike, listings: Listings) -> list[str]:
+    """`resolve_paths`, keeping the directory listings its globs took in `listings`."""
     if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
     if not isinstance(paths, Sequence) or not paths:
@@ -109,7 +121,7 @@ def resolve_paths(paths: PathsLike) -> list[str]:
             raise DataSourceError(
                 f"a data path must be a str, bytes or os.PathLike, got {path!r}"
             ) from None
-        files.extend(_expand(pattern))
+        files.extend(_expand(pattern, listings))
     return files
 
 
@@ -159,10 +171,11 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
     set whose index records inodes is identified from one directory listing, with no stat per
     file (`listed_files`); each file is still checked against that identity when opened.
     """
-    found = resolve_paths(paths)
+    listings: Listings = {}
+    found = _resolve_paths(paths, listings)
     absolute = [path if path.startswith(os.sep) else os.path.abspath(path) for path in found]
     names = [path.rpartition(os.sep)[2] for path in absolute]
-    listed = identify_by_listing(absolute)
+    listed = identify_by_listing(absolute, listings)
     if listed is not None:
         identities, counts, hashes = listed
         return ResolvedFiles(
@@ -171,7 +184,7 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
             counts=tuple(counts),
             fingerprint=files_fingerprint(names, counts, hashes),
         )
-    identities = _stat_files(found)
+    identities = stat_files(found)
     sizes, mtimes = [i[0] for i in identities], [i[1] for i in identities]
     lookup = shard_index.look_up(absolute, names, sizes, mtimes)
     counts, hashes = lookup.counts, lookup.hashes
@@ -195,25 +208,6 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
         fingerprint=files_fingerprint(names, counts, hashes),
         stale=tuple(stale),
     )
-
-
-def _stat_files(paths: list[str]) -> list[FileIdentity]:
-    """The identity (size, mtime_ns, inode, device) of every data file, from one tight loop of
-    os.stat; on any missing, unreadable, directory or empty file, `stat_data_file`'s
-    DataSourceError naming the first such path."""
-    try:
-        stats = list(map(os.stat, paths))
-    except OSError:
-        stats = None
-    if stats is not None:
-        modes = set(map(operator.attrgetter("st_mode"), stats))
-        identities = list(map(_IDENTITY, stats))
-        if not any(map(stat_module.S_ISDIR, modes)) and not any(i[0] == 0 for i in identities):
-            return identities
-    return [file_identity(stat_data_file(path)) for path in paths]
-
-
-_IDENTITY = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")
 
 
 def _report_opened(paths: list[str], unindexed: list[int], stale: list[str]) -> None:

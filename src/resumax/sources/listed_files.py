@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from resumax import shard_index
 from resumax.sources.readers import FileIdentity
@@ -15,11 +15,14 @@ from resumax.sources.readers import FileIdentity
 Listed = tuple[list[FileIdentity], list[int], list[str]]
 
 
-def identify_by_listing(paths: Sequence[str]) -> Listed | None:
+def identify_by_listing(
+    paths: Sequence[str], listings: Mapping[str, Mapping[str, int]]
+) -> Listed | None:
     """The identities, counts and hashes of `paths` from their shard index when `paths` are a
     whole `-NNNNN-of-MMMMM` set of one directory in shard order, the index lists exactly their
     names, and the directory lists every file (a regular file, not a link) with the inode its
-    entry records; else None, and the caller stats every file.
+    entry records; else None, and the caller stats every file. `listings` are listings the
+    caller already took ({directory: {name: inode}}); another directory is listed here.
 
     A file replaced since it was indexed (a write and rename, as `write_shards` does) has a new
     inode, so the set falls back to the stat of every file and names it. One rewritten in place
@@ -49,8 +52,10 @@ def identify_by_listing(paths: Sequence[str]) -> Listed | None:
         if [path.rpartition(os.sep)[2] for path in paths] != names:
             return None
         device = os.stat(directory or ".").st_dev
-        with os.scandir(directory or ".") as entries:
-            listed = {e.name: e.inode() for e in entries if e.is_file(follow_symlinks=False)}
+        listed = listings.get(directory)
+        if listed is None:
+            with os.scandir(directory or ".") as entries:
+                listed = {e.name: e.inode() for e in entries if e.is_file(follow_symlinks=False)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if [listed.get(name) for name in names] != inodes:

@@ -5,6 +5,7 @@ pool of readers opened on demand, each checked to be the very file the source wa
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import resource
 import stat as stat_module
@@ -87,6 +88,25 @@ def stat_data_file(path: str) -> os.stat_result:
             f"data file {path!r} is empty (0 bytes); it is not an ArrayRecord file"
         )
     return stat
+
+
+def stat_files(paths: list[str]) -> list[FileIdentity]:
+    """The identity (size, mtime_ns, inode, device) of every data file, from one tight loop of
+    os.stat; on any missing, unreadable, directory or empty file, `stat_data_file`'s
+    DataSourceError naming the first such path."""
+    try:
+        stats = list(map(os.stat, paths))
+    except OSError:
+        stats = None
+    if stats is not None:
+        modes = set(map(operator.attrgetter("st_mode"), stats))
+        identities = list(map(_IDENTITY, stats))
+        if not any(map(stat_module.S_ISDIR, modes)) and not any(i[0] == 0 for i in identities):
+            return identities
+    return [file_identity(stat_data_file(path)) for path in paths]
+
+
+_IDENTITY = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")
 
 
 def open_reader(
