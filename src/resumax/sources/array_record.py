@@ -48,7 +48,7 @@ PathLike = str | bytes | os.PathLike
 PathsLike = PathLike | Sequence[PathLike]
 
 
-# Directory (absolute) -> {name: inode of a regular file, or -1}, from the listing of a glob.
+# Directory (absolute) -> {name: inode}, from the listing a glob took.
 Listings = dict[str, dict[str, int]]
 
 
@@ -77,10 +77,7 @@ def _match_in(directory: str, name_pattern: str, listings: Listings) -> list[str
     inodes go to `listings` (`listed_files` identifies an indexed set by them)."""
     try:
         with os.scandir(directory or ".") as entries:
-            inodes = {
-                entry.name: entry.inode() if entry.is_file(follow_symlinks=False) else -1
-                for entry in entries
-            }
+            inodes = {entry.name: entry.inode() for entry in entries}
     except OSError:
         return []
     listings[os.path.abspath(directory or ".")] = inodes
@@ -233,7 +230,7 @@ class ArrayRecordSourceModule(RecordSource):
     """Records of one or more ArrayRecord files, in a seeded per-epoch order.
 
     Args:
-      config: seed, num_epochs and shuffle_files (`ArrayRecordSourceConfig`).
+      config: seed, num_epochs, shuffle_files and shuffle_window (`ArrayRecordSourceConfig`).
       paths: a path, a glob, or a list of paths/globs (str, bytes or os.PathLike). A path that
         exists is taken literally; other globs are expanded and sorted, and must match whole
         `-NNNNN-of-MMMMM` shard sets.

@@ -21,7 +21,8 @@ def identify_by_listing(
     """The identities, counts and hashes of `paths` from their shard index when `paths` are a
     whole `-NNNNN-of-MMMMM` set of one directory in shard order, the index lists exactly their
     names, and the directory lists every file (a regular file, not a link) with the inode its
-    entry records; else None, and the caller stats every file. `listings` are listings the
+    entry records (a link or directory put in a file's place has another inode); else None,
+    and the caller stats every file. `listings` are listings the
     caller already took ({directory: {name: inode}}); another directory is listed here.
 
     A file replaced since it was indexed (a write and rename, as `write_shards` does) has a new
@@ -45,8 +46,9 @@ def identify_by_listing(
             or payload.get("version") != shard_index.INDEX_VERSION
             or len(names) != len(paths)
             or {len(counts), len(sizes), len(mtimes), len(hashes), len(inodes)} != {len(paths)}
-            or not all(type(count) is int and count >= 0 for count in counts)
-            or not all(type(size) is int and size > 0 for size in sizes)
+            or not {type(count) for count in counts} | {type(size) for size in sizes} <= {int}
+            or (counts and min(counts) < 0)
+            or (sizes and min(sizes) <= 0)
         ):
             return None
         if [path.rpartition(os.sep)[2] for path in paths] != names:
@@ -55,7 +57,7 @@ def identify_by_listing(
         listed = listings.get(directory)
         if listed is None:
             with os.scandir(directory or ".") as entries:
-                listed = {e.name: e.inode() for e in entries if e.is_file(follow_symlinks=False)}
+                listed = {entry.name: entry.inode() for entry in entries}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if [listed.get(name) for name in names] != inodes:
