@@ -66,6 +66,7 @@ def test_out_of_range_message_names_key_bound_and_value():
         ("data.shuffle_files=maybe", "data.shuffle_files"),
         ("model.hidden_sizes=[a]", "model.hidden_sizes"),
         ("data.batch_size=0", "data.batch_size"),
+        ("data.prefetch=-1", "data.prefetch"),
         ("data.num_epochs=0", "data.num_epochs"),
         ("data.num_epochs=-2", "data.num_epochs"),
         ("data.seed=-1", "data.seed"),

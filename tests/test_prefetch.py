@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -107,3 +108,43 @@ def test_prefetcher_stop_ends_its_thread_while_the_producer_waits_for_room():
     prefetcher.stop()
     assert not any(thread.name == "test-prefetch" for thread in threading.enumerate())
     assert next(prefetcher, None) is None
+
+
+def wait_until(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_prefetcher_refills_only_once_half_its_items_are_taken():
+    depth, produced = 8, []
+
+    def items():
+        for index in itertools.count():
+            produced.append(index)
+            yield index
+
+    prefetcher = Prefetcher(items(), depth)
+    wait_until(lambda: len(produced) == depth + 1)  # `depth` wait, the thread holds one more
+    taken = [next(prefetcher) for _ in range(depth // 2 - 1)]
+    time.sleep(0.2)
+    assert len(produced) == depth + 1, "the thread woke up before half the items were taken"
+    taken.append(next(prefetcher))  # now depth / 2 wait: the thread refills to `depth`
+    wait_until(lambda: len(produced) == len(taken) + depth + 1)
+    taken += [next(prefetcher) for _ in range(100)]
+    prefetcher.stop()
+    assert taken == list(range(len(taken)))
+
+
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_positions_moved_by_taking_batches_are_what_nnx_state_reads(shards, prefetch):
+    pipeline = build(shards, prefetch=prefetch)
+    iterator = iter(pipeline)
+    for _ in range(3):
+        next(iterator)
+    state = nnx.state(pipeline)
+    assert state["source"]["current_index"].get_value() == 3 * BATCH
+    assert state["batches_emitted"].get_value() == 3
+    assert pipeline.get_state()["source"]["current_index"] == 3 * BATCH
+    iterator.close()

@@ -2,6 +2,8 @@
 
 Started as root, it imports everything the run needs first (the interpreter and the virtualenv
 may live where `nobody` cannot read), then drops to nobody's uid and gid and runs the command.
+It reads in process (`data.num_workers=0`): worker processes start from a fresh interpreter,
+which nobody may not be allowed to run.
 Usage: python tests/unprivileged_train.py --config FILE key=value ...
 """
 
@@ -22,4 +24,4 @@ os.setgroups([])
 os.setgid(nobody.pw_gid)
 os.setuid(nobody.pw_uid)
 os.environ["HOME"] = "/tmp"
-sys.exit(resumax.cli.main(["train", *sys.argv[1:]]))
+sys.exit(resumax.cli.main(["train", *sys.argv[1:], "data.num_workers=0"]))

@@ -71,11 +71,11 @@ class PipelineIterator:
         pipeline = self._pipeline
         pipeline.source.seek(delivery.epoch, delivery.index)
         pipeline.operator_states.delivered(delivery.operators)
-        pipeline.packed_rows.set_raw_value(delivery.packed_rows)  # ints: see RecordSource.seek
+        pipeline.packed_rows.set_position(delivery.packed_rows)  # ints: see RecordSource.seek
         if delivery.batch is None:
             self.close()
             raise StopIteration
-        pipeline.batches_emitted.set_raw_value(pipeline.batches_emitted.get_raw_value() + 1)
+        pipeline.batches_emitted.set_position(pipeline.batches_emitted.get_raw_value() + 1)
         return delivery.batch
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:

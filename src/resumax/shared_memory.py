@@ -195,11 +195,15 @@ class SlotReader:
         if sum(map(bool, self._leases)) >= self._lease_limit:
             view = memoryview(segment)
             return pickle.loads(header, buffers=[bytearray(view[o : o + n]) for o, n in spans])
-        buffers = [(ctypes.c_ubyte * n).from_buffer(segment, o) for o, n in spans]
-        self._leases[slot] = len(buffers)
-        for buffer in buffers:
-            weakref.finalize(buffer, self._return_buffer, slot)
-        return pickle.loads(header, buffers=buffers)
+        # One buffer over the message's arrays, leased until the last array cut from it is
+        # collected: one lease per result rather than one per array (there may be hundreds).
+        first = min((o for o, n in spans), default=0)
+        end = max((o + n for o, n in spans), default=first)
+        region = (ctypes.c_ubyte * (end - first)).from_buffer(segment, first)
+        self._leases[slot] = 1
+        weakref.finalize(region, self._return_buffer, slot)
+        view = memoryview(region).cast("B")
+        return pickle.loads(header, buffers=[view[o - first : o - first + n] for o, n in spans])
 
     def _return_buffer(self, slot: int) -> None:
         """Called when a buffer handed out in place is garbage collected (any thread)."""

@@ -78,6 +78,15 @@ class ArrayRecordSourceConfig:
 class DataPosition(nnx.Variable):
     """A source's position: the epoch and the next position within it, in epoch order."""
 
+    def set_position(self, value: int) -> None:
+        """Sets the Python int `value`, as `set_raw_value` does, without its trace-context check.
+
+        The pipeline moves its positions once per batch on the caller's thread; nnx's check
+        (twice per write, about 3 us) guards arrays that a jax trace could capture, which a
+        position, a plain int never traced, is not.
+        """
+        object.__setattr__(self, "_raw_value", value)
+
 
 def fingerprint(names_and_counts: Sequence[tuple[str, int]]) -> str:
     """A short hash of (name, record count) pairs: identifies a dataset, not where it lives."""
@@ -215,8 +224,8 @@ class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
         # Raw access: a position is a Python int, which nnx's get_value / set_value would copy
         # through jax.tree.map at ~4 us each, on every batch the caller takes.
         if self.current_epoch.get_raw_value() != epoch:
-            self.current_epoch.set_raw_value(epoch)
-        self.current_index.set_raw_value(int(index % self.records_per_epoch))
+            self.current_epoch.set_position(epoch)
+        self.current_index.set_position(int(index % self.records_per_epoch))
 
     def finished(self, epoch: int) -> bool:
         """True once `epoch` is past the last epoch of a finite source."""

@@ -166,6 +166,7 @@ class ClassifierTask:
             rngs=data.seed,
             sharding=sharding,
             num_workers=data.num_workers,
+            prefetch=data.prefetch,
         )
 
     def build_model(self) -> nnx.Module:

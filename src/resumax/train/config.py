@@ -34,7 +34,9 @@ class DataConfig:
     `weights` {name: weight} (`prepare: stdlib_text` writes "prose" and "code"), packed into rows
     of `sequence_length` tokens per `window` records; `batch_size` then counts rows.
     `num_workers` worker processes read and decode the training records (identical batches for
-    any value; see `resumax profile --config` for the one that pays off).
+    any value; see `resumax profile --config` for the one that pays off). `prefetch` batches are
+    computed ahead of the step loop; it should exceed the steps the loop runs in one switch
+    interval of the interpreter lock (5 ms), so the thread refilling them is never late.
     """
 
     dir: str = "runs/data/digits"
@@ -46,6 +48,7 @@ class DataConfig:
     shuffle_files: bool = True
     batch_size: int = 32
     num_workers: int = 0
+    prefetch: int = 32
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
     sequence_length: int = 128
     window: int = 512
@@ -229,6 +232,7 @@ def _validate_data(data: DataConfig) -> None:
     )
     _require(data.batch_size > 0, "data.batch_size", "> 0", data.batch_size)
     _require(data.num_workers >= 0, "data.num_workers", ">= 0", data.num_workers)
+    _require(data.prefetch >= 0, "data.prefetch", ">= 0", data.prefetch)
     for key in ("dir", "train_paths", "test_paths"):
         _require(bool(getattr(data, key)), f"data.{key}", "a non-empty path", getattr(data, key))
     for name, weight in data.weights.items():

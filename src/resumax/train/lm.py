@@ -140,6 +140,7 @@ class LanguageModelTask:
             rngs=data.seed,
             sharding=sharding,
             num_workers=data.num_workers,
+            prefetch=data.prefetch,
         )
 
     def build_model(self) -> nnx.Module:
