@@ -166,3 +166,21 @@ def test_a_replaced_shard_is_found_by_its_new_inode_and_named(tmp_path):
     with pytest.warns(UserWarning, match="train-00002-of-00003.array_record"):
         source = ArrayRecordSourceModule(ArrayRecordSourceConfig(), str(tmp_path / "train-*"))
     assert len(source) == 32
+
+
+def test_many_files_opened_at_once_name_the_first_that_fails_as_one_by_one_opening_would(tmp_path):
+    paths = resumax.write_shards(tmp_path / "train", make_examples(40), num_shards=40)
+    for bad in (paths[25], paths[5]):
+        stat = os.stat(bad)
+        with open(bad, "r+b") as file:
+            file.write(b"\xff" * stat.st_size)
+        os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    source = ArrayRecordSourceModule(ArrayRecordSourceConfig(), str(tmp_path / "train-*"))
+    assert [int(source[i]["id"]) for i in (0, 39)] == [0, 39]
+    with pytest.raises(DataSourceError, match="train-00005-of-00040") as error:
+        source.read_raw(np.arange(40))
+    assert "train-00025" not in str(error.value)
+    # As one by one: the files before the failing one stay open (0, 39 and 1-4), no other.
+    assert sorted(source._files.pool.open_readers) == [0, 1, 2, 3, 4, 39]
+    good = [i for i in range(40) if i not in (5, 25)]
+    assert [int(r["id"]) for r in source.read_records(good)] == good

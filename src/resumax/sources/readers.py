@@ -18,6 +18,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from resumax.errors import DataFileNotFoundError, DataSourceError
+from resumax.sources.parallel_open import open_many
 
 # The default pool leaves half the process's open-file limit, and at least _MIN_RESERVE
 # descriptors, to everything else the process opens (sockets, pipes to workers, JAX, checkpoints):
@@ -179,6 +180,13 @@ class ReaderPool:
             return reader
         while len(self.open_readers) >= self.max_open_files:
             self.open_readers.popitem(last=False)[1].close()
+        reader = self.open_checked(file_id)
+        self.open_readers[file_id] = reader
+        return reader
+
+    def open_checked(self, file_id: int) -> Any:
+        """A new reader of file `file_id`, checked to be the file and record count the source
+        saw; the pool does not hold it (any thread may call this without the lock)."""
         path = self.paths[file_id]
         reader = open_reader(path, self.identities[file_id], self.max_open_files)
         if reader.num_records() != self.counts[file_id]:
@@ -188,8 +196,14 @@ class ReaderPool:
                 f"data file {path!r} holds {found} records where the source counted "
                 f"{self.counts[file_id]}; the file changed: rebuild the source"
             )
-        self.open_readers[file_id] = reader
         return reader
+
+    def put(self, file_id: int, reader: Any) -> None:
+        """Holds an opened reader of a file not open yet, least recently used closed first;
+        call with `lock` held."""
+        while len(self.open_readers) >= self.max_open_files:
+            self.open_readers.popitem(last=False)[1].close()
+        self.open_readers[file_id] = reader
 
     @property
     def num_open(self) -> int:
@@ -256,8 +270,7 @@ class ArrayRecordFiles:
         pool = self.pool
         with pool.lock:
             readers = pool.open_readers
-            for file_id in sorted(set(file_ids).difference(readers)):
-                pool.get(file_id)
+            open_many(pool, sorted(set(file_ids).difference(readers)))
             return [
                 readers[file_id].read(local, local + 1)[0]
                 for file_id, local in zip(file_ids, local_indices, strict=True)

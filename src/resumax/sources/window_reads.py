@@ -9,6 +9,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from resumax.sources.parallel_open import open_many
 from resumax.sources.readers import ArrayRecordFiles
 
 # Records per cached block: whole small shards, and bounded pieces of large files.
@@ -59,6 +60,7 @@ class BlockCache:
         starts = files.starts
         file_ids = (np.searchsorted(starts, keys, side="right") - 1).tolist()
         with pool.lock:
+            open_many(pool, sorted(set(file_ids)))
             for key, file_id in zip(keys, file_ids, strict=True):
                 read = pool.get(file_id).read
                 local = key - int(starts[file_id])
