@@ -148,3 +148,20 @@ def test_positions_moved_by_taking_batches_are_what_nnx_state_reads(shards, pref
     assert state["batches_emitted"].get_value() == 3
     assert pipeline.get_state()["source"]["current_index"] == 3 * BATCH
     iterator.close()
+
+
+def test_a_caller_waiting_for_an_item_ends_when_another_thread_stops_the_prefetcher():
+    release = threading.Event()
+
+    def slow():
+        yield 0
+        release.wait(10)
+        yield 1
+
+    prefetcher = Prefetcher(slow(), depth=2)
+    assert next(prefetcher) == 0
+    threading.Timer(0.2, prefetcher.stop, kwargs={"timeout": 0.0}).start()
+    started = time.monotonic()
+    assert next(prefetcher, None) is None
+    assert time.monotonic() - started < 2.0
+    release.set()

@@ -215,9 +215,11 @@ def test_sigkill_during_a_save_and_at_a_random_time_is_bitwise_identical(
 
 
 @pytest.mark.slow
-def test_worker_processes_train_bitwise_the_same_run(tmp_path, digits_dir, uninterrupted):
+def test_reading_in_process_trains_bitwise_the_same_run_as_the_default_worker(
+    tmp_path, digits_dir, uninterrupted
+):
     run_dir = tmp_path / "run"
-    stdout = start(run_dir, digits_dir, "data.num_workers=1").finish()
+    stdout = start(run_dir, digits_dir, "data.num_workers=0").finish()
     assert_same_run(run_dir, uninterrupted, stdout)
 
 

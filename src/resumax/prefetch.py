@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
-# How often a producer blocked on a full queue checks whether it should stop.
+# How often a thread waiting for room, or a caller waiting for an item, checks for a stop.
 _STOP_POLL_SECONDS = 0.05
 
 
@@ -92,9 +92,12 @@ class Prefetcher(Generic[T]):
         except IndexError:
             with self._changed:
                 self._consumer_waits = True
-                while not ready:
-                    self._changed.wait()
+                while not ready and not self._stopping.is_set():
+                    self._changed.wait(_STOP_POLL_SECONDS)
                 self._consumer_waits = False
+            if not ready:  # stopped (closed from another thread) while waiting
+                self._done = True
+                raise StopIteration from None
             item = ready.popleft()
         if self._producer_waits and len(ready) <= self._refill_at:
             with self._changed:
