@@ -135,7 +135,10 @@ class WorkerPool:
         next_worker = 0
         capacity = len(self._connections) * self._tasks_per_worker
         group_size, exhausted = 1, False
+        received: tuple[list[Any], BaseException | None] | None = None
         while True:
+            # Refilled before the caller takes the last group's results, so that the workers
+            # keep `capacity` groups in flight (not one fewer) while it does.
             while not exhausted and len(in_flight) < capacity:
                 group = list(itertools.islice(tasks, group_size))
                 exhausted = len(group) < group_size
@@ -145,14 +148,17 @@ class WorkerPool:
                 self._send(next_worker, (slot, group))
                 in_flight.append((next_worker, slot, group))
                 next_worker = (next_worker + 1) % len(self._connections)
+            if received is not None:
+                results, failure = received
+                yield from results
+                if failure is not None:
+                    raise failure
             if not in_flight:
                 return
             results, failure, nbytes = self._receive(*in_flight.popleft())
             bytes_per_task = max(1, nbytes // max(1, len(results)))
             group_size = max(1, min(max_group, group_bytes // bytes_per_task))
-            yield from results
-            if failure is not None:
-                raise failure
+            received = (results, failure)
 
     def _send(self, worker_index: int, task: Any) -> None:
         try:
