@@ -129,6 +129,38 @@ def test_a_renamed_directory_resumes_from_its_index_without_opening_a_file(tmp_p
     assert ids_of(moved) == list(range(30))
 
 
+def test_a_copied_set_takes_its_counts_from_the_index_once_its_contents_match(
+    tmp_path, recwarn, caplog
+):
+    resumax.write_shards(tmp_path / "old" / "train", make_examples(30), num_shards=3)
+    state = source_of(str(tmp_path / "old" / "train-*.array_record"), seed=7).get_state()
+    shutil.copytree(tmp_path / "old", tmp_path / "copy", copy_function=shutil.copyfile)
+    copy = str(tmp_path / "copy" / "train-*.array_record")
+    assert (
+        os.stat(tmp_path / "copy" / "train.index.json").st_mtime_ns
+        != os.stat(tmp_path / "old" / "train.index.json").st_mtime_ns
+    )  # copyfile gives the copies new modification times
+
+    with caplog.at_level(logging.INFO, logger="resumax"):
+        copied = source_of(copy, seed=7)
+    copied.set_state(state)
+    assert copied._files.pool.num_open == 0
+    assert not [w for w in recwarn if "shard index" in str(w.message)]
+    assert "3 file(s) have other modification times" in caplog.text
+    assert ids_of(copied) == list(range(30))
+
+
+def test_a_shard_rewritten_with_the_same_size_but_other_records_is_opened_and_named(tmp_path):
+    paths = resumax.write_shards(tmp_path / "train", make_examples(30), num_shards=3)
+    size = os.path.getsize(paths[1])
+    resumax.write_array_record(paths[1], offset_examples(10, 40))  # ids 40-49: same sizes
+    assert os.path.getsize(paths[1]) == size
+
+    with pytest.warns(UserWarning, match="train-00001-of-00003.array_record"):
+        rewritten = source_of(paths)
+    assert ids_of(rewritten)[10:20] == list(range(40, 50))
+
+
 def test_the_fingerprint_is_the_same_with_and_without_the_index(tmp_path):
     resumax.write_shards(tmp_path / "train", make_examples(30), num_shards=3)
     glob = str(tmp_path / "train-*.array_record")

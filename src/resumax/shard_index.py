@@ -223,8 +223,10 @@ def look_up(
     """Record counts and content hashes of files that a shard index or TFDS info describes.
 
     `names`, `sizes` and `mtimes` are the files' base names, sizes and modification times (ns).
-    A file is taken from an index when its name, size and modification time match its entry;
-    from a TFDS `dataset_info.json` when its split's `shardLengths` has one count per shard.
+    A file is taken from an index when its name, size and modification time match its entry,
+    or when only the time differs (a copy) and its `content_hash` is the entry's: the file is
+    then read, but not opened as ArrayRecord. A TFDS `dataset_info.json` gives the count when
+    the split's `shardLengths` has one count per shard.
     """
     lookup = Lookup(counts=[None] * len(paths), hashes=[None] * len(paths))
     shard = complete_set(paths)
@@ -239,7 +241,7 @@ def look_up(
     for (directory, stem, _), members in sets.items():
         stem_path = os.path.join(directory, stem)
         if os.path.exists(index_path(stem_path)):
-            _from_index(index_path(stem_path), members, (names, sizes, mtimes), lookup)
+            _from_index(index_path(stem_path), members, (paths, names, sizes, mtimes), lookup)
         elif os.path.exists(os.path.join(directory, TFDS_INFO)):
             _from_tfds_info(os.path.join(directory, TFDS_INFO), stem, members, lookup)
     return lookup
@@ -248,10 +250,11 @@ def look_up(
 def _from_index(
     path: str,
     members: _Members,
-    files: tuple[Sequence[str], Sequence[int], Sequence[int]],
+    files: tuple[Sequence[str], Sequence[str], Sequence[int], Sequence[int]],
     lookup: Lookup,
 ) -> None:
     positions, _ = members
+    file_paths, files = files[0], files[1:]
     try:
         with open(path) as file:
             payload = json.load(file)
@@ -280,19 +283,38 @@ def _from_index(
                 lookup.counts[position], lookup.hashes[position] = count, content
         return
     rows = {name: row for row, name in enumerate(index_names)}
+    copies = 0
     for position, name, size, mtime_ns in zip(
         positions, names, found_sizes, found_mtimes, strict=True
     ):
         row = rows.get(name)
         if row is None:
             lookup.stale[position] = f"{path!r} has no entry for it"
-        elif sizes[row] == size and mtimes[row] == mtime_ns:
+        elif sizes[row] == size and (
+            mtimes[row] == mtime_ns or _same_content(file_paths[position], hashes[row])
+        ):
+            copies += mtimes[row] != mtime_ns
             lookup.counts[position], lookup.hashes[position] = counts[row], hashes[row]
         else:
             lookup.stale[position] = (
                 f"it has {size} bytes, modified at {mtime_ns} ns, where {path!r} says "
                 f"{sizes[row]} bytes at {mtimes[row]} ns ({counts[row]} records)"
             )
+    if copies:
+        logger.info(
+            "%d file(s) have other modification times than %s records (copies?): their "
+            "contents match its hashes, so its record counts are used",
+            copies,
+            path,
+        )
+
+
+def _same_content(path: str, indexed_hash: object) -> bool:
+    """Whether the file at `path` has the content hash its index entry records."""
+    try:
+        return content_hash(path) == indexed_hash
+    except OSError:
+        return False
 
 
 def _from_tfds_info(path: str, stem: str, members: _Members, lookup: Lookup) -> None:
