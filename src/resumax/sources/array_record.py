@@ -135,6 +135,8 @@ class ResolvedFiles:
     fingerprint: str
     # Files the shard index did not describe: "name: why; it has N records".
     stale: tuple[str, ...] = ()
+    # The shard index the identities were taken from (a set identified by its listing), if any.
+    index: str | None = None
 
 
 # Characters json.dumps writes as they are: printable ASCII but the quote and the backslash.
@@ -174,12 +176,13 @@ def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> Resolv
     names = [path.rpartition(os.sep)[2] for path in absolute]
     listed = identify_by_listing(absolute, listings)
     if listed is not None:
-        identities, counts, hashes = listed
+        identities, counts, hashes, index = listed
         return ResolvedFiles(
             paths=tuple(absolute),
             identities=tuple(identities),
             counts=tuple(counts),
             fingerprint=files_fingerprint(names, counts, hashes),
+            index=index,
         )
     identities = stat_files(found)
     sizes, mtimes = [i[0] for i in identities], [i[1] for i in identities]
@@ -270,7 +273,9 @@ class ArrayRecordSourceModule(RecordSource):
         self._resolved = paths
         self.paths = list(paths.paths)
         self.max_open_files = max_open_files
-        self._files = ArrayRecordFiles(paths.paths, paths.counts, paths.identities, max_open_files)
+        self._files = ArrayRecordFiles(
+            paths.paths, paths.counts, paths.identities, max_open_files, index=paths.index
+        )
         total = sum(paths.counts)
         if total == 0:
             raise DataSourceError(f"the data files {self.paths} hold no records")

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from resumax import shard_index
 from resumax.sources.readers import FileIdentity
 
-# (identities, record counts, content hashes) of the files, in their order.
-Listed = tuple[list[FileIdentity], list[int], list[str]]
+# (identities, record counts, content hashes) of the files, in their order, and the index path.
+Listed = tuple[list[FileIdentity], list[int], list[str], str]
 
 
 def identify_by_listing(
@@ -63,4 +63,4 @@ def identify_by_listing(
     if [listed.get(name) for name in names] != inodes:
         return None
     identities = list(zip(sizes, mtimes, inodes, [device] * len(names), strict=True))
-    return identities, counts, hashes
+    return identities, counts, hashes, index

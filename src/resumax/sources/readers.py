@@ -111,12 +111,16 @@ _IDENTITY = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")
 
 
 def open_reader(
-    path: str, identity: FileIdentity | None = None, max_open_files: int | None = None
+    path: str,
+    identity: FileIdentity | None = None,
+    max_open_files: int | None = None,
+    index: str | None = None,
 ) -> Any:
     """Opens one ArrayRecord file for random access, or raises DataSourceError naming it.
 
     With `identity`, the file must still be the one it describes (same size, modification time
     and inode): a file regenerated since the source was built is refused, in every process.
+    `index` names the shard index the identity was taken from, if any, for the error to say.
     When the OS refuses the file (too many open files, permissions) the error says so.
     """
     try:
@@ -125,6 +129,16 @@ def open_reader(
         raise DataFileNotFoundError(f"data file {path!r} does not exist (any more)") from None
     except OSError as error:
         raise os_refusal(path, error, max_open_files) from error
+    if identity is not None and found != identity and index is not None and found[2] == identity[2]:
+        # Same inode: written over in place (a replacement by rename has a new one), which the
+        # index, read without a stat per file, cannot have shown when the source was built.
+        raise DataSourceError(
+            f"data file {path!r} is not the file its shard index {index!r} describes "
+            f"({_describe(identity)} there, {_describe(found)} now): it was rewritten in place, "
+            "after the index was written or while in use. Once the files are final, write the "
+            "set anew with resumax.write_shards or `resumax convert` (which index it again), or "
+            f"delete {index!r} so that the files are opened and counted"
+        )
     if identity is not None and found != identity:
         raise DataSourceError(
             f"data file {path!r} changed since the source was opened ({_describe(identity)} "
@@ -165,9 +179,11 @@ class ReaderPool:
         identities: Sequence[FileIdentity],
         counts: Sequence[int],
         max_open_files: int,
+        index: str | None = None,
     ):
         self.paths, self.identities, self.counts = paths, identities, counts
         self.max_open_files = max_open_files
+        self.index = index  # the shard index the identities come from, if any
         self.lock = threading.Lock()
         # file id -> open reader, least recently used first.
         self.open_readers: OrderedDict[int, Any] = OrderedDict()
@@ -188,7 +204,7 @@ class ReaderPool:
         """A new reader of file `file_id`, checked to be the file and record count the source
         saw; the pool does not hold it (any thread may call this without the lock)."""
         path = self.paths[file_id]
-        reader = open_reader(path, self.identities[file_id], self.max_open_files)
+        reader = open_reader(path, self.identities[file_id], self.max_open_files, self.index)
         if reader.num_records() != self.counts[file_id]:
             found = reader.num_records()
             reader.close()
@@ -224,11 +240,12 @@ class ArrayRecordFiles:
         counts: Sequence[int],
         identities: Sequence[FileIdentity],
         max_open_files: int,
+        index: str | None = None,
     ):
         self.paths = list(paths)
         self.counts = [int(count) for count in counts]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.pool = ReaderPool(self.paths, list(identities), self.counts, max_open_files)
+        self.pool = ReaderPool(self.paths, list(identities), self.counts, max_open_files, index)
 
     def locate(self, record_index: int) -> tuple[str, int]:
         """(file path, index within that file) of a global record index."""
