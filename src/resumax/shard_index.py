@@ -199,6 +199,25 @@ def write_index(path: str, entries: Sequence[tuple]) -> None:
         json.dump(payload, file, separators=(",", ":"))
 
 
+# What reading an index may raise when it is missing, malformed or not one.
+INDEX_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
+def read_index(path: str) -> dict:
+    """The shard index at `path`, checked to be one: its format and version, columns of one
+    length and record counts that are ints >= 0 (the optional inodes column is not checked).
+    Raises one of INDEX_ERRORS, saying why, otherwise."""
+    with open(path) as file:
+        payload = json.load(file)
+    if payload.get("format") != INDEX_FORMAT or payload.get("version") != INDEX_VERSION:
+        raise ValueError(f"not a {INDEX_FORMAT} version {INDEX_VERSION}")
+    if len({len(payload[column]) for column in _COLUMNS}) != 1:
+        raise ValueError("its columns differ in length")
+    if not all(type(count) is int and count >= 0 for count in payload["num_records"]):
+        raise ValueError("its record counts must be ints >= 0")
+    return payload
+
+
 @dataclasses.dataclass
 class Lookup:
     """Per position in the path list, what is known without opening the file, and why the rest
@@ -241,7 +260,7 @@ def look_up(
     for (directory, stem, _), members in sets.items():
         stem_path = os.path.join(directory, stem)
         if os.path.exists(index_path(stem_path)):
-            _from_index(index_path(stem_path), members, (paths, names, sizes, mtimes), lookup)
+            _from_index(index_path(stem_path), members, paths, (names, sizes, mtimes), lookup)
         elif os.path.exists(os.path.join(directory, TFDS_INFO)):
             _from_tfds_info(os.path.join(directory, TFDS_INFO), stem, members, lookup)
     return lookup
@@ -250,25 +269,18 @@ def look_up(
 def _from_index(
     path: str,
     members: _Members,
-    files: tuple[Sequence[str], Sequence[str], Sequence[int], Sequence[int]],
+    file_paths: Sequence[str],
+    files: tuple[Sequence[str], Sequence[int], Sequence[int]],
     lookup: Lookup,
 ) -> None:
     positions, _ = members
-    file_paths, files = files[0], files[1:]
     try:
-        with open(path) as file:
-            payload = json.load(file)
-        if payload.get("format") != INDEX_FORMAT or payload.get("version") != INDEX_VERSION:
-            raise ValueError(f"not a {INDEX_FORMAT} version {INDEX_VERSION}")
-        index_names, counts, sizes, mtimes, hashes = (payload[column] for column in _COLUMNS)
-        if len({len(payload[column]) for column in _COLUMNS}) != 1:
-            raise ValueError("its columns differ in length")
-        if not all(type(count) is int and count >= 0 for count in counts):
-            raise ValueError("its record counts must be ints >= 0")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        payload = read_index(path)
+    except INDEX_ERRORS as error:
         for position in positions:
             lookup.stale[position] = f"the shard index {path!r} cannot be read ({error})"
         return
+    index_names, counts, sizes, mtimes, hashes = (payload[column] for column in _COLUMNS)
     if isinstance(positions, range) and len(positions) == len(files[0]):
         names, found_sizes, found_mtimes = files
     else:

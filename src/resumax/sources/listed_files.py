@@ -4,7 +4,6 @@ file's inode in the listing must be the one its index entry records.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
@@ -36,18 +35,14 @@ def identify_by_listing(
     directory = paths[0].rpartition(os.sep)[0]
     index = shard_index.index_path(os.path.join(directory, shard.stem))
     try:
-        with open(index) as file:
-            payload = json.load(file)
+        payload = shard_index.read_index(index)
         names, counts = payload["names"], payload["num_records"]
         sizes, mtimes = payload["sizes"], payload["mtime_ns"]
         hashes, inodes = payload["content_hashes"], payload[shard_index.INODES]
         if (
-            payload.get("format") != shard_index.INDEX_FORMAT
-            or payload.get("version") != shard_index.INDEX_VERSION
-            or len(names) != len(paths)
-            or {len(counts), len(sizes), len(mtimes), len(hashes), len(inodes)} != {len(paths)}
-            or not {type(count) for count in counts} | {type(size) for size in sizes} <= {int}
-            or (counts and min(counts) < 0)
+            len(names) != len(paths)
+            or len(inodes) != len(paths)
+            or not {type(size) for size in sizes} <= {int}
             or (sizes and min(sizes) <= 0)
         ):
             return None
@@ -58,7 +53,7 @@ def identify_by_listing(
         if listed is None:
             with os.scandir(directory or ".") as entries:
                 listed = {entry.name: entry.inode() for entry in entries}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except shard_index.INDEX_ERRORS:
         return None
     if [listed.get(name) for name in names] != inodes:
         return None
