@@ -194,8 +194,7 @@ class ReaderPool:
         if reader is not None:
             self.open_readers.move_to_end(file_id)
             return reader
-        while len(self.open_readers) >= self.max_open_files:
-            self.open_readers.popitem(last=False)[1].close()
+        self._make_room()  # before opening: never more than max_open_files descriptors
         reader = self.open_checked(file_id)
         self.open_readers[file_id] = reader
         return reader
@@ -217,9 +216,13 @@ class ReaderPool:
     def put(self, file_id: int, reader: Any) -> None:
         """Holds an opened reader of a file not open yet, least recently used closed first;
         call with `lock` held."""
+        self._make_room()
+        self.open_readers[file_id] = reader
+
+    def _make_room(self) -> None:
+        """Closes the least recently used readers until one more fits."""
         while len(self.open_readers) >= self.max_open_files:
             self.open_readers.popitem(last=False)[1].close()
-        self.open_readers[file_id] = reader
 
     @property
     def num_open(self) -> int:
