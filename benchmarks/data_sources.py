@@ -17,8 +17,8 @@ from PIL import Image
 from rates import items_per_second
 
 import resumax
+from resumax.records.tfexample import Example
 from resumax.sources.tfds import TFDSDecode
-from resumax.tfexample import Example
 
 BATCH = 256
 

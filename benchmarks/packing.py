@@ -18,7 +18,7 @@ from rates import items_per_second
 
 import resumax
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, PackSequences, Pipeline
-from resumax.packing import DEFAULT_WINDOW
+from resumax.stages.packing import DEFAULT_WINDOW
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 NUM_RECORDS = 50_000

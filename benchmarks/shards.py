@@ -23,7 +23,7 @@ from rates import items_per_second
 import resumax
 from resumax.pipeline import Pipeline
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, RecordSource
-from resumax.sources.readers import default_max_open_files
+from resumax.sources.files.readers import default_max_open_files
 
 BATCH = 256
 

@@ -7,8 +7,8 @@ import pytest
 
 import resumax
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Filter, Pipeline, RandomMap
-from resumax.batch_decode import JOIN_LIMIT, SpanDecoder, parse_layout
-from resumax.batching import stack_if_uniform
+from resumax.pipeline.batch_decode import JOIN_LIMIT, SpanDecoder, parse_layout
+from resumax.pipeline.batching import stack_if_uniform
 from tests.conftest import assert_batches_equal, make_examples, take
 
 

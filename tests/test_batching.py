@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from resumax.batching import Chunk, combine, stack, stack_if_uniform
 from resumax.errors import StageError
+from resumax.pipeline.batching import Chunk, combine, stack, stack_if_uniform
 
 FIELDS = {
     "uint8 image": lambda i: np.full((4, 4, 3), i, dtype=np.uint8),

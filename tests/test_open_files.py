@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import resumax
-from resumax import order, shard_index
+from resumax import order
+from resumax.records import shard_index
 
 CHILD_PRELUDE = """
     import json, os, resource, sys

@@ -12,7 +12,7 @@ from flax import nnx
 
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Pipeline, RandomMap
 from resumax.errors import StageError
-from resumax.prefetch import Prefetcher
+from resumax.pipeline.prefetch import Prefetcher
 
 BATCH = 8
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import resumax
-import resumax.worker_pool
+import resumax.workers.pool
 from resumax import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
@@ -35,7 +35,7 @@ from resumax.errors import (
     StateMismatchError,
     WorkerError,
 )
-from resumax.iterator import STOP_TIMEOUT
+from resumax.pipeline.iterator import STOP_TIMEOUT
 from tests.conftest import assert_batches_equal, make_examples, take
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "stuck_stage_script.py")
@@ -232,7 +232,7 @@ def test_worker_timeout_names_the_worker_the_records_and_the_stage(shards):
 def test_without_worker_timeout_a_long_wait_logs_a_warning_naming_the_worker(
     shards, caplog, monkeypatch
 ):
-    monkeypatch.setattr(resumax.worker_pool, "WORKER_WAIT_WARNING_SECONDS", 0.3)
+    monkeypatch.setattr(resumax.workers.pool, "WORKER_WAIT_WARNING_SECONDS", 0.3)
     # Span [40, 44) is task 10, for worker 0; it starts long after the workers' start-up.
     pipeline = build(shards, [pause_on_record_41], num_workers=2, prefetch=0)
     with caplog.at_level(logging.WARNING, logger="resumax.workers"):

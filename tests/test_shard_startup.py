@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 import resumax
-from resumax import shard_index
 from resumax.errors import DataFileNotFoundError, DataSourceError
+from resumax.records import shard_index
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, resolve_paths
 from resumax.sources.array_record import files_fingerprint, resolve_files
-from resumax.sources.readers import default_max_open_files
+from resumax.sources.files.readers import default_max_open_files
 from tests.conftest import make_examples
 
 

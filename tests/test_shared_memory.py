@@ -11,7 +11,7 @@ import secrets
 import numpy as np
 import pytest
 
-from resumax.shared_memory import SlotReader, SlotWriter, sweep
+from resumax.workers.shared_memory import SlotReader, SlotWriter, sweep
 
 
 @pytest.fixture

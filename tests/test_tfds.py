@@ -21,8 +21,8 @@ from resumax import (
     cli,
     tfds_source,
 )
+from resumax.records.tfexample import Example
 from resumax.sources.tfds import TFDSDecode
-from resumax.tfexample import Example
 from tests.conftest import assert_batches_equal, batches_and_state
 
 FEATURES = "tensorflow_datasets.core.features"

@@ -18,7 +18,7 @@ from resumax import (
     RecordDecodeError,
     TFExample,
 )
-from resumax.tfexample import Example
+from resumax.records.tfexample import Example
 from tests.conftest import assert_batches_equal, take
 
 SPEC = {

@@ -32,7 +32,7 @@ from resumax import (
 )
 from resumax.errors import ConfigError, ResumaxError, StageError
 from resumax.records import decode
-from resumax.worker_pool import WorkerPool
+from resumax.workers.pool import WorkerPool
 from tests.conftest import assert_batches_equal, make_examples, take
 
 BATCH = 8

@@ -13,10 +13,8 @@ from resumax.errors import (
     StateMismatchError,
     WorkerError,
 )
-from resumax.packing import PackSequences
 from resumax.pipeline import Pipeline
-from resumax.records import decode, encode, write_array_record, write_shards
-from resumax.sequences import Pad
+from resumax.records import TFExample, decode, encode, write_array_record, write_shards
 from resumax.sources import (
     ArrayRecordSourceConfig,
     ArrayRecordSourceModule,
@@ -26,8 +24,7 @@ from resumax.sources import (
     RecordSource,
     tfds_source,
 )
-from resumax.stages import BatchMap, Filter, Map, MapWithIndex, RandomMap
-from resumax.tfexample import TFExample
+from resumax.stages import BatchMap, Filter, Map, MapWithIndex, PackSequences, Pad, RandomMap
 
 __version__ = "0.1.0"
 

@@ -12,9 +12,11 @@ import sys
 
 import numpy as np
 
-from resumax import records, shard_index, summary
+from resumax import records
 from resumax.errors import CheckpointError, ConfigError, DataSourceError, ResumaxError
+from resumax.records import shard_index
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
+from resumax.tools import summary
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 Reads use per-record range reads `reader.read(i, i + 1)` on readers opened for random access, which
 cost the same few microseconds whatever the file size or shard count (see REFERENCE.md). Readers
-are opened on demand from a bounded pool (`resumax.sources.readers`).
+are opened on demand from a bounded pool (`resumax.sources.files.readers`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from resumax import records, shard_index
+from resumax import records
 from resumax.errors import (
     ConfigError,
     DataFileNotFoundError,
@@ -30,16 +30,17 @@ from resumax.errors import (
     RecordDecodeError,
     StateMismatchError,
 )
+from resumax.records import shard_index
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
-from resumax.sources.listed_files import identify_by_listing
-from resumax.sources.readers import (
+from resumax.sources.files.listing import identify_by_listing
+from resumax.sources.files.readers import (
     ArrayRecordFiles,
     FileIdentity,
     default_max_open_files,
     open_reader,
     stat_files,
 )
-from resumax.sources.window_reads import BlockCache
+from resumax.sources.files.window_reads import BlockCache
 
 _GLOB_CHARACTERS = frozenset("*?[")
 logger = logging.getLogger("resumax")
@@ -291,7 +292,7 @@ class ArrayRecordSourceModule(RecordSource):
     @property
     def batch_decodable(self) -> bool:
         """True when the records use resumax's codec (the default decode), so that a span of
-        them can be decoded at once (`resumax.batch_decode`)."""
+        them can be decoded at once (`resumax.pipeline.batch_decode`)."""
         return self._decode is records.decode
 
     def read_raw(self, record_indices: Sequence[int]) -> list[bytes]:

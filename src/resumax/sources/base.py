@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from flax import nnx
 
 from resumax import order
 from resumax.errors import ConfigError, DataSourceError, StateMismatchError
+from resumax.sources.state_files import StateFileCheckpointable
 from resumax.sources.window_order import WindowOrder
 
 STATE_VERSION = 1
@@ -94,25 +95,6 @@ def fingerprint(names_and_counts: Sequence[tuple[str, int]]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-class V1Checkpointable:
-    """Orbax v1 `StatefulCheckpointable` for objects with `get_state` / `set_state`.
-
-    A thin layer over `resumax.checkpoint` (imported on use: it imports the pipeline).
-    """
-
-    async def save(self, directory: Any) -> Awaitable[None]:
-        """Snapshots the state now; the returned awaitable writes it once `directory` exists."""
-        from resumax.checkpoint import save_v1
-
-        return await save_v1(self, directory)
-
-    async def load(self, directory: Any) -> Awaitable[None]:
-        """The returned awaitable reads this process's state file in `directory` and sets it."""
-        from resumax.checkpoint import load_v1
-
-        return await load_v1(self, directory)
-
-
 class _OrderBlockCache:
     """The last computed block of an epoch's order; kept off the module's nnx state.
 
@@ -133,7 +115,7 @@ class _OrderBlockCache:
 
 # Not a JAX pytree, nor are its subclasses: Orbax v1 rebuilds the pytrees it loads into, so it
 # would restore a copy and leave this source where it was.
-class RecordSource(V1Checkpointable, nnx.Module, pytree=False):
+class RecordSource(StateFileCheckpointable, nnx.Module, pytree=False):
     """Base of resumax sources: order, position and state over `read_records` of a subclass."""
 
     def __init_subclass__(cls, pytree: bool = False, **kwargs: Any) -> None:

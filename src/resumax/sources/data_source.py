@@ -18,7 +18,7 @@ from flax import nnx
 
 from resumax.errors import ConfigError, DataSourceError, RecordDecodeError
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource
-from resumax.workers import require_picklable
+from resumax.workers.worker import require_picklable
 
 # Items hashed into the fingerprint: evenly spaced, first and last included.
 FINGERPRINT_SAMPLES = 8

@@ -16,9 +16,9 @@ from flax import nnx
 from PIL import Image
 
 from resumax.errors import ConfigError, DataFileNotFoundError, RecordDecodeError
+from resumax.records.tfexample import TFExample
 from resumax.sources.array_record import ArrayRecordSourceModule
 from resumax.sources.base import ArrayRecordSourceConfig
-from resumax.tfexample import TFExample
 
 DATASET_INFO, FEATURES = "dataset_info.json", "features.json"
 # TFDS stores every integer and bool Tensor as an int64_list and floats as a float_list.

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resumax.errors import DataSourceError
-from resumax.packing import PackSequences
 from resumax.pipeline import Pipeline
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, MixtureSource
+from resumax.stages import PackSequences
 from resumax.train.config import Config, ModelConfig
 from resumax.train.text_data import prepare_stdlib_text
 

@@ -9,8 +9,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from resumax.sources.parallel_open import open_many
-from resumax.sources.readers import ArrayRecordFiles
+from resumax.sources.files.parallel_open import open_many
+from resumax.sources.files.readers import ArrayRecordFiles
 
 # Records per cached block: whole small shards, and bounded pieces of large files.
 MAX_BLOCK = 1024

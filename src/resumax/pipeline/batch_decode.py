@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from resumax import records
+from resumax.records import codec
 
 # Numeric and bool dtypes: their bytes are their values, so a column of bytes is a column of
 # values. Other dtypes (str, bytes, datetime) and non-native byte orders take the per-record path.
@@ -129,7 +129,7 @@ def _array_field(key: str, ext: msgpack.ExtType, stop: int) -> Field | None:
         return None
     if len(raw) != dtype.itemsize * int(np.prod(shape)):
         return None
-    scalar = ext.code == records._NUMPY_SCALAR_EXT
+    scalar = ext.code == codec.NUMPY_SCALAR_EXT
     if scalar and shape:
         return None
     return Field(key, stop - len(raw), stop, dtype, shape, scalar)
@@ -157,7 +157,7 @@ def parse_layout(data: bytes) -> RecordLayout | None:
             if not isinstance(key, str):
                 return None
             if isinstance(value, msgpack.ExtType):
-                if value.code not in (records._ARRAY_EXT, records._NUMPY_SCALAR_EXT):
+                if value.code not in (codec.ARRAY_EXT, codec.NUMPY_SCALAR_EXT):
                     return None
                 field = _array_field(key, value, unpacker.tell())
             else:

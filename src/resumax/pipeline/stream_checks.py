@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from resumax.batching import Chunk, describe_positions
 from resumax.errors import StageError
+from resumax.pipeline.batching import Chunk, describe_positions
 from resumax.sources.base import RecordSource
-from resumax.stages import Filter, Stage
-from resumax.workers import pickling_error
+from resumax.stages.transforms import Filter, Stage
+from resumax.workers.worker import pickling_error
 
 _NAMED_RECORDS = 5
 

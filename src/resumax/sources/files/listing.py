@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from resumax import shard_index
-from resumax.sources.readers import FileIdentity
+from resumax.records import shard_index
+from resumax.sources.files.readers import FileIdentity
 
 # (identities, record counts, content hashes) of the files, in their order, and the index path.
 Listed = tuple[list[FileIdentity], list[int], list[str], str]

@@ -18,7 +18,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from resumax.errors import DataFileNotFoundError, DataSourceError
-from resumax.sources.parallel_open import open_many
+from resumax.sources.files.parallel_open import open_many
 
 # The default pool leaves half the process's open-file limit, and at least _MIN_RESERVE
 # descriptors, to everything else the process opens (sockets, pipes to workers, JAX, checkpoints):

@@ -67,7 +67,7 @@ class BatchMap:
 @dataclasses.dataclass(frozen=True)
 class Operator(BatchMap):
     """A bare `nnx.Module` called on whole batches (a Datarax operator); its nnx Variables are
-    part of the pipeline state (`resumax.operators`)."""
+    part of the pipeline state (`resumax.stages.operators`)."""
 
 
 Stage = Map | MapWithIndex | RandomMap | Filter | BatchMap

@@ -7,8 +7,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from resumax import records, tfexample
+from resumax import records
 from resumax.errors import DataSourceError, RecordDecodeError
+from resumax.records import tfexample
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, tfds, tfds_source
 
 

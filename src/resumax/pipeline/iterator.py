@@ -9,14 +9,11 @@ from __future__ import annotations
 import dataclasses
 import time
 import weakref
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from resumax.prefetch import Prefetcher
-from resumax.worker_pool import WorkerPool
-
-if TYPE_CHECKING:
-    from resumax.pipeline import Pipeline
+from resumax.pipeline.prefetch import Prefetcher
+from resumax.workers.pool import WorkerPool
 
 # Seconds `close()` takes at most (also on `set_state`, a new `iter()`, garbage collection and
 # interpreter exit), whatever a stage is doing: a stage stuck in a long call is abandoned.
@@ -27,7 +24,7 @@ STOP_TIMEOUT = 2.0
 class Delivery:
     """A finished batch (None: a finite run ended), the position right after it (with
     PackSequences: the window start and the rows already delivered from that window) and the
-    operators' Variables right after it (`resumax.operators`; None without operators)."""
+    operators' Variables right after it (`resumax.stages.operators`; None without operators)."""
 
     batch: Any
     epoch: int
@@ -37,7 +34,8 @@ class Delivery:
 
 
 class PipelineIterator:
-    """Hands a pipeline's batches to the caller, advancing its position as each is received.
+    """Hands a pipeline's batches to the caller; `receive(delivery)` advances the pipeline's
+    position on the caller's thread as each is handed over.
 
     Owns the worker processes and the prefetch thread, if any. `close()` stops them; so do the
     end of the data, an error, garbage collection and interpreter exit, each within
@@ -46,12 +44,12 @@ class PipelineIterator:
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        receive: Callable[[Delivery], None],
         deliveries: Iterator[Delivery],
         pool: WorkerPool | None,
         prefetcher: Prefetcher | None,
     ):
-        self._pipeline = pipeline
+        self._receive = receive
         self._deliveries = deliveries
         self._closed = False
         self.worker_pids: tuple[int, ...] = pool.worker_pids if pool is not None else ()
@@ -68,14 +66,10 @@ class PipelineIterator:
         except BaseException:
             self.close()
             raise
-        pipeline = self._pipeline
-        pipeline.source.seek(delivery.epoch, delivery.index)
-        pipeline.operator_states.delivered(delivery.operators)
-        pipeline.packed_rows.set_position(delivery.packed_rows)  # ints: see RecordSource.seek
+        self._receive(delivery)
         if delivery.batch is None:
             self.close()
             raise StopIteration
-        pipeline.batches_emitted.set_position(pipeline.batches_emitted.get_raw_value() + 1)
         return delivery.batch
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:

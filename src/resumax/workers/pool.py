@@ -18,8 +18,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from resumax.errors import WorkerError
-from resumax.shared_memory import SlotReader, payload_bytes, sweep
-from resumax.workers import IDLE, SENDING, STARTING, worker_main
+from resumax.workers.shared_memory import SlotReader, payload_bytes, sweep
+from resumax.workers.worker import IDLE, SENDING, STARTING, worker_main
 
 # Named for the module users know from the README: they may filter its warnings.
 logger = logging.getLogger("resumax.workers")
@@ -32,7 +32,7 @@ START_METHOD = "forkserver"
 SEGMENT_PREFIX = "resumax"
 # Seconds the parent waits for one result before it logs a warning naming the worker (and again
 # after each further such wait) when the pipeline has no `worker_timeout`. Read at each wait:
-# assign `resumax.workers.WORKER_WAIT_WARNING_SECONDS` to change it.
+# assign `resumax.workers.pool.WORKER_WAIT_WARNING_SECONDS` to change it.
 WORKER_WAIT_WARNING_SECONDS = 60.0
 # Seconds `stop_workers` takes at most by default: the first half for workers to finish their
 # task and exit, the second after SIGTERM; then the ones left are killed.

@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from resumax.batch_decode import Allocate, SpanDecoder, new_bytes
-from resumax.batching import Chunk, stack_if_uniform
 from resumax.errors import DataSourceError, StageError
+from resumax.pipeline.batch_decode import Allocate, SpanDecoder, new_bytes
+from resumax.pipeline.batching import Chunk, stack_if_uniform
+from resumax.pipeline.stream_checks import record_producer, require_records, unsendable_error
 from resumax.records import decode
 from resumax.sources.base import RecordSource
-from resumax.stages import Filter, Map, MapWithIndex, RandomMap, RecordRng, Stage
-from resumax.stream_checks import record_producer, require_records, unsendable_error
-from resumax.workers import report_activity
+from resumax.stages.transforms import Filter, Map, MapWithIndex, RandomMap, RecordRng, Stage
+from resumax.workers.worker import report_activity
 
 
 class RecordPath:

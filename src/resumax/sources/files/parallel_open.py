@@ -7,10 +7,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from resumax.sources.readers import ReaderPool
+
+class ReaderPool(Protocol):
+    """What `open_many` needs of `resumax.sources.files.readers.ReaderPool`."""
+
+    open_readers: Any
+    max_open_files: int
+
+    def get(self, file_id: int) -> Any: ...
+
+    def put(self, file_id: int, reader: Any) -> None: ...
+
+    def open_checked(self, file_id: int) -> Any: ...
+
 
 # Fewer missing files than this are opened in the calling thread: a hand-off costs more.
 MIN_PARALLEL = 16

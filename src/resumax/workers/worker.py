@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from resumax.errors import ConfigError, ResumaxError, WorkerError
-from resumax.shared_memory import SlotWriter, sweep
+from resumax.workers.shared_memory import SlotWriter, sweep
 
 # What a worker reports before its first task, between tasks and while it sends a result (see
 # report_activity); codes >= 0 index the pool's `activities`.

@@ -20,25 +20,30 @@ import numpy as np
 from flax import nnx
 
 from resumax import order
-from resumax.batching import BatchFields, Chunk, Piece, batch_positions, combine
-from resumax.device import check_sharding, put_batch
 from resumax.errors import ConfigError, StageError, StateMismatchError
-from resumax.iterator import ActiveIterator, Delivery, PipelineIterator
-from resumax.operators import OperatorStates
-from resumax.packing import WindowPacker, open_window_packer, row_batches, split_packing
-from resumax.pipeline_state import PIPELINE_STATE_VERSION, check_filter_layout, check_pipeline_state
-from resumax.prefetch import Prefetcher
-from resumax.record_path import RecordPath, open_record_path
-from resumax.sources.base import DataPosition, RecordSource, V1Checkpointable
-from resumax.stages import BatchMap, Filter, Operator, as_stage
-from resumax.stream_checks import (
+from resumax.pipeline.batching import BatchFields, Chunk, Piece, batch_positions, combine
+from resumax.pipeline.device import check_sharding, put_batch
+from resumax.pipeline.iterator import ActiveIterator, Delivery, PipelineIterator
+from resumax.pipeline.packing import WindowPacker, open_window_packer, row_batches, split_packing
+from resumax.pipeline.prefetch import Prefetcher
+from resumax.pipeline.record_path import RecordPath, open_record_path
+from resumax.pipeline.state_checks import (
+    PIPELINE_STATE_VERSION,
+    check_filter_layout,
+    check_pipeline_state,
+)
+from resumax.pipeline.stream_checks import (
     FilterStarvation,
     describe_records,
     require_batch,
     watch_windows,
 )
-from resumax.worker_pool import WorkerPool
-from resumax.workers import check_worker_timeout, require_picklable
+from resumax.sources.base import DataPosition, RecordSource
+from resumax.sources.state_files import StateFileCheckpointable
+from resumax.stages.operators import OperatorStates
+from resumax.stages.transforms import BatchMap, Filter, Operator, as_stage
+from resumax.workers.pool import WorkerPool
+from resumax.workers.worker import check_worker_timeout, require_picklable
 
 DEFAULT_PREFETCH = 2
 # Positions per message to a worker: each message costs ~0.2 ms of CPU (both processes).
@@ -88,7 +93,7 @@ def _process_shard(
 
 # Not a JAX pytree: Orbax v1 rebuilds the pytrees it loads into, so it would restore a copy
 # and leave this pipeline where it was.
-class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
+class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
     """Batches of a source's records after per-record and per-batch stages.
 
     Args:
@@ -113,7 +118,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         (for launchers that split data differently, and for tests).
       worker_timeout: seconds a worker may take to answer before a WorkerError names it, its
         records and the stage it runs (None: wait, logging a warning every
-        `resumax.worker_pool.WORKER_WAIT_WARNING_SECONDS`).
+        `resumax.workers.pool.WORKER_WAIT_WARNING_SECONDS`).
 
     Batches are identical for any num_workers and prefetch, and after a resume. Iterating
     continues from the current position; the state always describes the batches the caller has
@@ -244,7 +249,7 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
         else:
             deliveries = self._deliveries(chunks, start, end)
         prefetcher = Prefetcher(deliveries, self.prefetch) if self.prefetch else None
-        iterator = PipelineIterator(self, prefetcher or deliveries, pool, prefetcher)
+        iterator = PipelineIterator(self._receive, prefetcher or deliveries, pool, prefetcher)
         self._active.set(iterator)
         return iterator
 
@@ -328,6 +333,14 @@ class Pipeline(V1Checkpointable, nnx.Module, pytree=False):
     def _delivery(self, batch: Any, position: int, packed_rows: int = 0) -> Delivery:
         epoch, index = divmod(position, self.source.records_per_epoch)
         return Delivery(batch, epoch, index, self.operator_states.snapshot(), packed_rows)
+
+    def _receive(self, delivery: Delivery) -> None:
+        """Moves the state past a batch as the caller receives it (on the caller's thread)."""
+        self.source.seek(delivery.epoch, delivery.index)
+        self.operator_states.delivered(delivery.operators)
+        self.packed_rows.set_position(delivery.packed_rows)  # ints: see RecordSource.seek
+        if delivery.batch is not None:
+            self.batches_emitted.set_position(self.batches_emitted.get_raw_value() + 1)
 
     def close(self) -> None:
         """Ends the live iterator (its workers and prefetch thread) and closes the source."""
