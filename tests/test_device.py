@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import resumax
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Pipeline
 from resumax.errors import ConfigError
 
@@ -83,3 +84,53 @@ def test_batches_split_over_two_devices(shards):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", "24"]
+
+
+def placed_batch(tmp_path, field: str, values: list, dtype: str, **options):
+    """The first placed batch of 8 records whose `field` holds `values` (repeated) as `dtype`."""
+    records = [{field: np.asarray(values[i % len(values)], dtype=dtype)} for i in range(8)]
+    resumax.write_shards(tmp_path / "placed", records, num_shards=1)
+    config = ArrayRecordSourceConfig(seed=0, num_epochs=1)
+    source = ArrayRecordSourceModule(config, str(tmp_path / "placed-*.array_record"))
+    pipeline = Pipeline(source, batch_size=8, rngs=0, sharding=data_sharding(), **options)
+    return next(iter(pipeline))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize(
+    ("dtype", "value"), [("int64", 3_000_000_000), ("int64", -(2**40)), ("uint64", 2**40)]
+)
+def test_a_64_bit_value_placement_would_narrow_names_field_and_value(
+    tmp_path, dtype, value, prefetch
+):
+    with pytest.raises(ConfigError) as raised:
+        placed_batch(tmp_path, "user_id", [7, value], dtype, prefetch=prefetch)
+    message = str(raised.value)
+    for part in ["'user_id'", dtype, str(value), "jax_enable_x64", "Map", "drop the field"]:
+        assert part in message
+
+
+def test_a_float64_value_float32_cannot_hold_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"'weight'.*float64.*0\.1"):
+        placed_batch(tmp_path, "weight", [0.5, 0.1], "float64")
+
+
+def test_64_bit_values_that_32_bits_hold_arrive_unchanged(tmp_path):
+    batch = placed_batch(tmp_path, "user_id", [7, -(2**31), 2**31 - 1], "int64")
+    values = np.asarray(batch["user_id"])
+    assert values.tolist() == [7, -(2**31), 2**31 - 1] * 2 + [7, -(2**31)]
+    weights = np.asarray(placed_batch(tmp_path, "w", [0.5, np.nan, np.inf], "float64")["w"])
+    np.testing.assert_array_equal(weights, np.array([0.5, np.nan, np.inf] * 3)[:8])
+
+
+def test_with_x64_enabled_64_bit_values_arrive_as_64_bit(tmp_path):
+    with jax.enable_x64(True):
+        batch = placed_batch(tmp_path, "user_id", [3_000_000_000, 2**40], "int64", prefetch=0)
+        assert batch["user_id"].dtype == np.int64
+        assert np.asarray(batch["user_id"]).tolist() == [3_000_000_000, 2**40] * 4
+
+
+@pytest.mark.parametrize("values", [["abc", "de"], [b"\x00\x01", b"x"]])
+def test_a_string_or_bytes_field_is_an_error_naming_it(tmp_path, values):
+    with pytest.raises(ConfigError, match=r"field \['caption'\].*cannot hold.*sharding="):
+        placed_batch(tmp_path, "caption", values, "U3" if isinstance(values[0], str) else "S2")
