@@ -33,14 +33,15 @@ _MAX_POSITION = 2**63 - 1
 class ArrayRecordSourceConfig:
     """How a source orders its records.
 
-    seed: shuffle seed; epoch e is shuffled with `seed + e`.
-    num_epochs: -1 iterates forever; N > 0 stops after N epochs.
-    shuffle_files: True shuffles records globally (across files) with a fresh order each epoch.
-    shuffle_window: None (default) keeps that global record-level shuffle. An int W (with
-      shuffle_files=True) shuffles the files' order each epoch and permutes the records within
-      windows of W consecutive records of that file order (`resumax.sources.window_order`):
-      each file is read once per window instead of once per record, which over many small
-      shards is far faster, at the price of a shuffle that mixes records only within a window.
+    Attributes:
+      seed: shuffle seed; epoch e is shuffled with `seed + e`.
+      num_epochs: -1 iterates forever; N > 0 stops after N epochs.
+      shuffle_files: True shuffles records globally (across files) with a fresh order each epoch.
+      shuffle_window: None (default) keeps that global record-level shuffle. An int W (with
+        shuffle_files=True) shuffles the files' order each epoch and permutes the records within
+        windows of W consecutive records of that file order (`resumax.sources.window_order`):
+        each file is read once per window instead of once per record, which over many small
+        shards is far faster, at the price of a shuffle that mixes records only within a window.
     """
 
     seed: int = 42
