@@ -15,6 +15,7 @@ from flax import nnx
 
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Pipeline, StateMismatchError
 from resumax.checkpoint import CheckpointRestore, CheckpointSave
+from resumax.tools.profile import time_steps
 from tests.conftest import assert_batches_equal, batches_and_state, take
 
 SHUFFLED = ArrayRecordSourceConfig(seed=11, shuffle_files=True)
@@ -65,10 +66,9 @@ def test_the_state_describes_the_delivered_batches_not_those_prefetched(shards):
     pipeline = Pipeline(ArrayRecordSourceModule(SHUFFLED, shards), [operator], 8, prefetch=3)
     iterator = iter(pipeline)
     take(iterator, 3)
-    deadline = time.monotonic() + 30
-    while operator.seen.get_value() < 6 and time.monotonic() < deadline:
-        time.sleep(0.01)  # the prefetch thread runs 3 batches ahead
-    assert int(operator.seen.get_value()) >= 6
+    time.sleep(0.5)  # the prefetch thread runs 3 batches ahead, on its own copy
+    assert int(operator.seen.get_value()) == 3
+    assert int(operator.rngs.jitter.count.get_value()) == 3
     (saved,) = pipeline.get_state()["operators"]
     assert saved["name"] == "Jitter" and saved["stage"] == 0
     assert saved["variables"]["['seen']"]["data"] == 3
@@ -76,9 +76,48 @@ def test_the_state_describes_the_delivered_batches_not_those_prefetched(shards):
     key = saved["variables"]["['rngs']['jitter']['key']"]
     assert key["key_impl"] == "threefry2x32" and key["data"] == [0, 0]
     iterator.close()
-    take(iter(pipeline), 1)  # a new iterator rewinds the module to the delivered batches
+    take(iter(pipeline), 1)  # a new iterator goes on from the delivered batches
+    assert int(operator.seen.get_value()) == 4
     (saved,) = pipeline.get_state()["operators"]
     assert saved["variables"]["['seen']"]["data"] == 4
+
+
+@pytest.mark.parametrize(("prefetch", "num_workers"), [(0, 0), (2, 0), (8, 0), (2, 1)])
+def test_after_each_next_the_module_holds_exactly_the_delivered_state(
+    shards, prefetch, num_workers
+):
+    """As Datarax's stochastic-stage test: each `next(iter(pipeline))` leaves the next key,
+    never one drawn for a batch computed ahead; repeated to catch a race with the thread."""
+    operator = Jitter()
+    source = ArrayRecordSourceModule(SHUFFLED, shards)
+    pipeline = Pipeline(source, [operator], 8, prefetch=prefetch, num_workers=num_workers)
+    keys = set()
+    for delivered in range(1, 41):
+        next(iter(pipeline))
+        assert int(operator.seen.get_value()) == delivered
+        assert int(operator.rngs.jitter.count.get_value()) == delivered
+        keys.add(np.asarray(jax.random.key_data(operator.rngs.jitter())).tobytes())
+        operator.rngs.jitter.count.set_value(jnp.uint32(delivered))  # undo the draw above
+    assert len(keys) == 40
+    pipeline.close()
+
+
+def test_a_change_to_the_module_between_iterators_counts(shards):
+    operator = Jitter()
+    pipeline = Pipeline(ArrayRecordSourceModule(SHUFFLED, shards), [operator], 8, prefetch=2)
+    take(iter(pipeline), 2)
+    operator.seen.set_value(jnp.asarray(100, jnp.int32))
+    take(iter(pipeline), 1)
+    assert int(operator.seen.get_value()) == 101
+    assert pipeline.get_state()["operators"][0]["variables"]["['seen']"]["data"] == 101
+
+
+def test_profiling_leaves_the_operator_untouched(shards):
+    operator = Jitter()
+    pipeline = Pipeline(ArrayRecordSourceModule(SHUFFLED, shards), [operator], 8)
+    steps = time_steps(pipeline, 0.05)
+    assert "Jitter" in " ".join(step.name for step in steps)
+    assert int(operator.seen.get_value()) == 0
 
 
 def test_a_centring_operator_sees_the_whole_batch(shards):

@@ -175,6 +175,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
         self.batches_emitted = DataPosition(0)
         self._record_path = RecordPath(source, stages[:first_batch_stage], self.rng_seed)
         self._batch_stages = stages[first_batch_stage:]
+        self._first_batch_stage = first_batch_stage
         self.operator_states = OperatorStates(
             [(i, s.fn) for i, s in enumerate(stages) if isinstance(s, Operator)]
         )
@@ -206,7 +207,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
         """Batches from the current position: spans -> chunks -> batches -> prefetch -> caller."""
         self._active.close()
         self.source.check_open()  # workers read through their own copies: check here
-        self.operator_states.rewind()
+        working = self.operator_states.working_copies()
         records_per_epoch = self.source.records_per_epoch
         epoch, index = self.source.position
         num_epochs = self.source.config.num_epochs
@@ -247,14 +248,26 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
         if self._packing is not None:
             deliveries = self._packed_deliveries(chunks, start, end)
         else:
-            deliveries = self._deliveries(chunks, start, end)
+            deliveries = self._deliveries(chunks, start, end, working)
         prefetcher = Prefetcher(deliveries, self.prefetch) if self.prefetch else None
         iterator = PipelineIterator(self._receive, prefetcher or deliveries, pool, prefetcher)
         self._active.set(iterator)
         return iterator
 
+    def batch_functions(self, working: dict[int, nnx.Module]) -> list[tuple[str, Callable]]:
+        """(name, function) of each batch stage, an operator stage running its working copy
+        (`OperatorStates.working_copies`) instead of the user's module."""
+        return [
+            (stage.name, working.get(position, stage.fn))
+            for position, stage in enumerate(self._batch_stages, start=self._first_batch_stage)
+        ]
+
     def _deliveries(
-        self, chunks: Iterator[Chunk], start: int, end: int | None
+        self,
+        chunks: Iterator[Chunk],
+        start: int,
+        end: int | None,
+        working: dict[int, nnx.Module],
     ) -> Iterator[Delivery]:
         """Cuts the kept records into batches, each with the position after its last record.
 
@@ -270,6 +283,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
             self._record_path.record_stages, records_per_epoch, start, end
         )
         fields = BatchFields(functools.partial(describe_records, self.source))
+        batch_functions = self.batch_functions(working)
         pieces: list[Piece] = []
         pending = 0
         for chunk in chunks:
@@ -283,12 +297,13 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
                     after = int(chunk.positions[taken - 1]) + 1
                     if to_window_end:
                         after = order.window_end(after - 1, start, global_batch)
-                    yield self._delivery(self._finish_batch(pieces, fields), after)
+                    batch = self._finish_batch(pieces, fields, batch_functions)
+                    yield self._delivery(batch, after, working)
                     pieces, pending = [], 0
         if end is not None:
             keep_last = pieces and not self.drop_remainder and self.process_count == 1
-            last = self._finish_batch(pieces, fields) if keep_last else None
-            yield self._delivery(last, end)
+            last = self._finish_batch(pieces, fields, batch_functions) if keep_last else None
+            yield self._delivery(last, end, working)
 
     def _packed_deliveries(
         self, windows: Iterator[dict[str, np.ndarray]], start: int, end: int | None
@@ -311,28 +326,33 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
             if self.sharding is not None:
                 batch = put_batch(batch, self.sharding)
             position = window_index * window if end is None else min(window_index * window, end)
-            yield self._delivery(batch, position, rows)
+            yield self._delivery(batch, position, {}, rows)
         if end is not None:
-            yield self._delivery(None, end, 0)
+            yield self._delivery(None, end, {}, 0)
 
-    def _finish_batch(self, pieces: list[Piece], fields: BatchFields) -> Any:
+    def _finish_batch(
+        self, pieces: list[Piece], fields: BatchFields, batch_functions: list[tuple[str, Callable]]
+    ) -> Any:
         """Combines the pieces, runs the batch stages and places the batch on devices."""
         describe = functools.partial(describe_records, self.source)
         batch = combine(pieces, describe)
         fields.check(batch, pieces)
-        for stage in self._batch_stages:
+        for name, function in batch_functions:
             try:
-                batch = stage.fn(batch)
+                batch = function(batch)
             except Exception as error:
-                raise StageError(f"batch stage ({stage.name}) failed: {error!r}") from error
-            require_batch(batch, stage.name, lambda: describe(batch_positions(pieces)))
+                raise StageError(f"batch stage ({name}) failed: {error!r}") from error
+            require_batch(batch, name, lambda: describe(batch_positions(pieces)))
         if self.sharding is not None:
             batch = put_batch(batch, self.sharding)
         return batch
 
-    def _delivery(self, batch: Any, position: int, packed_rows: int = 0) -> Delivery:
+    def _delivery(
+        self, batch: Any, position: int, working: dict[int, nnx.Module], packed_rows: int = 0
+    ) -> Delivery:
         epoch, index = divmod(position, self.source.records_per_epoch)
-        return Delivery(batch, epoch, index, self.operator_states.snapshot(), packed_rows)
+        operators = OperatorStates.snapshot(working)
+        return Delivery(batch, epoch, index, operators, packed_rows)
 
     def _receive(self, delivery: Delivery) -> None:
         """Moves the state past a batch as the caller receives it (on the caller's thread)."""

@@ -1,9 +1,11 @@
 """The state of a pipeline's operators (bare nnx.Modules run on whole batches, as in Datarax):
-snapshots of their nnx Variables that describe only the batches handed to the caller.
+the user's modules hold exactly the state after the last batch the caller received.
 
-A snapshot is taken after each batch, where the batch is finished (a prefetch thread may be
-batches ahead); the iterator keeps the snapshot of the last batch it delivered, which is what
-`get_state` saves and what a new iterator rewinds the modules to.
+An iterator runs private copies of the modules (`working_copies`), which a prefetch thread may
+run batches ahead. A snapshot of the copies' Variables travels with each batch and is written
+into the user's modules on the caller's thread as the batch is handed over (`delivered`), so
+reading a module after `next()` never depends on thread timing, and a new iterator copies the
+modules as they are then.
 """
 
 from __future__ import annotations
@@ -65,56 +67,61 @@ def _from_json(entry: Any, like: Any, where: str) -> Any:
     return array.item() if array.shape == () else array
 
 
+def _clone(module: nnx.Module) -> nnx.Module:
+    """A copy of `module` sharing no Variable and no numpy array with it."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(_copy, state))
+
+
+def _assign(module: nnx.Module, values: dict[str, Any]) -> None:
+    """Sets the module's Variables to `values` ({path: value}, as `_leaves` names them)."""
+    current, treedef = _leaves(module)
+    leaves = [_copy(values[path]) for path in current]
+    state = nnx.state(module)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, leaves))
+    nnx.update(module, state)
+
+
 class OperatorStates:
-    """The Variables of a pipeline's operator stages: snapshots, the delivered one, JSON."""
+    """The Variables of a pipeline's operator stages: working copies, snapshots, JSON."""
 
     def __init__(self, operators: list[tuple[int, nnx.Module]]):
         """`operators`: (stage position, module) of each operator stage, in stage order."""
         self._operators = operators
-        # None until the first iterator starts: until then the modules themselves are the
-        # delivered state (changes made to them after the pipeline was built count).
-        self._delivered: Snapshot | None = None
 
     def __bool__(self) -> bool:
         return bool(self._operators)
 
-    def snapshot(self) -> Snapshot | None:
-        """The Variables' current values (None without operators); cheap, no conversion."""
-        if not self._operators:
+    def working_copies(self) -> dict[int, nnx.Module]:
+        """Copies of the modules as they are now, by stage position, for one iterator to run."""
+        return {position: _clone(module) for position, module in self._operators}
+
+    @staticmethod
+    def snapshot(modules: dict[int, nnx.Module]) -> Snapshot | None:
+        """The Variables' current values of `modules` (None without operators); no conversion."""
+        if not modules:
             return None
         return [
             {path: _copy(value) for path, value in _leaves(module)[0].items()}
-            for _, module in self._operators
+            for module in modules.values()
         ]
 
     def delivered(self, snapshot: Snapshot | None) -> None:
-        """Records the snapshot taken after the batch just handed to the caller."""
-        if snapshot is not None:
-            self._delivered = snapshot
-
-    def rewind(self) -> None:
-        """Sets the modules back to the delivered snapshot (undoing batches computed ahead);
-        called before an iterator starts."""
-        if self._delivered is None:
-            self._delivered = self.snapshot()
+        """Sets the user's modules to the snapshot taken after the batch just handed over."""
+        if snapshot is None:
             return
-        for (_, module), values in zip(self._operators, self._delivered, strict=True):
-            current, treedef = _leaves(module)
-            leaves = [_copy(values[path]) for path in current]
-            state = nnx.state(module)
-            nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, leaves))
-            nnx.update(module, state)
+        for (_, module), values in zip(self._operators, snapshot, strict=True):
+            _assign(module, values)
 
     def to_json(self) -> list[dict[str, Any]]:
-        """The delivered snapshot, JSON-safe: per operator its stage, class and Variables."""
-        delivered = self.snapshot() if self._delivered is None else self._delivered
+        """The modules' Variables, JSON-safe: per operator its stage, class and Variables."""
         return [
             {
                 "stage": position,
                 "name": type(module).__name__,
-                "variables": {path: _to_json(value) for path, value in values.items()},
+                "variables": {path: _to_json(value) for path, value in _leaves(module)[0].items()},
             }
-            for (position, module), values in zip(self._operators, delivered, strict=True)
+            for position, module in self._operators
         ]
 
     def parse(self, saved: Any) -> Snapshot | None:
@@ -151,7 +158,5 @@ class OperatorStates:
         return snapshot
 
     def restore(self, snapshot: Snapshot | None) -> None:
-        """Makes `snapshot` the delivered state and sets the modules to it."""
-        if snapshot is not None:
-            self._delivered = snapshot
-            self.rewind()
+        """Sets the user's modules to a parsed snapshot (`parse`)."""
+        self.delivered(snapshot)

@@ -128,6 +128,8 @@ def time_steps(pipeline: Pipeline, seconds: float) -> list[StepTime]:
         for position, stage in enumerate(record_stages)
     ]
     decoder = SpanDecoder() if source.batch_decodable else None
+    # Operators run on copies: profiling leaves the user's modules as they were.
+    batch_functions = pipeline.batch_functions(pipeline.operator_states.working_copies())
     timer = _Timer()
     deadline = time.perf_counter() + seconds
     for epoch, indices in _span_indices(pipeline):
@@ -160,9 +162,9 @@ def time_steps(pipeline: Pipeline, seconds: float) -> list[StepTime]:
         timer.add("batch", started, len(indices))
         if not isinstance(batch, dict):
             continue  # records that do not stack: batches of them are not put on devices
-        for stage in pipeline._batch_stages:
+        for stage, (_, function) in zip(pipeline._batch_stages, batch_functions, strict=True):
             started = time.perf_counter()
-            batch = stage.fn(batch)
+            batch = function(batch)
             timer.add(_stage_label(stage), started, len(indices))
         started = time.perf_counter()
         if pipeline.sharding is not None:
