@@ -1,9 +1,10 @@
-# Two entry points: `make test` (ruff + pytest) and `make demo` (the main job).
+# Two entry points: `make test` (ruff + pytest) and `make demo` (the main job); `make docs` builds
+# the documentation site into site/ (strict: a broken link or API reference fails it).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench docs clean
 
 venv: $(VENV)/.installed
 
@@ -26,5 +27,8 @@ demo: venv
 bench: venv
 	$(BIN)/python benchmarks/throughput.py
 
+docs: venv
+	$(BIN)/mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site
