@@ -62,3 +62,7 @@ def single_file(tmp_path):
     path = tmp_path / "single.array_record"
     resumax.write_array_record(path, make_examples(50))
     return str(path)
+
+
+# Object storage servers on 127.0.0.1: s3_server, s3_bucket, gcs_server, gcs_bucket.
+pytest_plugins = ["tests.buckets"]
