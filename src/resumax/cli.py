@@ -1,7 +1,8 @@
 """The `resumax` command: `inspect` prints what a set of ArrayRecord files (resumax or
 tf.train.Example records) or a TFDS dataset directory holds, `convert` writes an .npz file's rows
-as ArrayRecord shards, `profile` shows where a pipeline's time goes, and `train` runs the
-reference training loop from a YAML config with `key=value` overrides."""
+as ArrayRecord shards, `index` writes the shard index of a set made by other tools, `profile`
+shows where a pipeline's time goes, and `train` runs the reference training loop from a YAML
+config with `key=value` overrides."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from resumax import records
 from resumax.errors import CheckpointError, ConfigError, DataSourceError, ResumaxError
-from resumax.records import shard_index
+from resumax.records import indexing, shard_index
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 from resumax.tools import summary
 
@@ -31,11 +32,22 @@ def _convert(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         raise DataSourceError(f"cannot read {args.npz!r} as an .npz of arrays: {error}") from error
     rows = records.ArrayRows(columns)
-    paths = records.write_shards(args.prefix, rows, args.shards)
+    paths = records.write_shards(
+        args.prefix, rows, args.shards, storage_options=args.storage_options
+    )
     print(f"wrote {len(rows)} records with fields {sorted(columns)} to {len(paths)} files:")
     for path in paths:
         print(f"  {path}")
     print(f"and their index {shard_index.index_path(args.prefix)}")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    written = indexing.index_set(args.pattern, storage_options=args.storage_options)
+    print(
+        f"wrote {written.index} ({written.num_files} files, {written.num_records} records): "
+        "sources read it instead of opening the files"
+    )
     return 0
 
 
@@ -100,6 +112,28 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _storage_options(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}: {error}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-options",
+        type=_storage_options,
+        default=None,
+        metavar="JSON",
+        help="fsspec options for URLs as a JSON object, e.g. "
+        '\'{"endpoint_url": "http://127.0.0.1:9000"}\' (credentials otherwise come from the '
+        "environment, as each storage library finds them)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resumax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,9 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="write the rows of an .npz file's arrays as ArrayRecord shards"
     )
     convert.add_argument("npz", help="an .npz whose arrays all have one row per record")
-    convert.add_argument("prefix", help="output prefix: PREFIX-00000-of-0000N.array_record")
+    convert.add_argument(
+        "prefix",
+        help="output prefix, a path or URL (s3://bucket/train): PREFIX-00000-of-0000N.array_record",
+    )
     convert.add_argument("--shards", type=_positive_int, default=1, help="number of files")
+    _add_storage_options(convert)
     convert.set_defaults(run=_convert)
+    index = commands.add_parser(
+        "index",
+        help="write the shard index (PREFIX.index.json) of an existing set made by other tools "
+        "(TFDS, Grain, ...), local or in a bucket, so that sources need not open its files",
+    )
+    index.add_argument(
+        "pattern",
+        help="a path or glob (or s3:// / gs:// URL) matching exactly one complete "
+        "-NNNNN-of-MMMMM shard set, e.g. 'data/mnist-train.array_record-*'",
+    )
+    _add_storage_options(index)
+    index.set_defaults(run=_index)
     profile = commands.add_parser(
         "profile",
         help="time each step of the input pipeline and num_workers 0..cores; recommend a setting",
