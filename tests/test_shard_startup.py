@@ -18,8 +18,8 @@ import resumax
 from resumax.errors import DataFileNotFoundError, DataSourceError
 from resumax.records import shard_index
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, resolve_paths
-from resumax.sources.array_record import files_fingerprint, resolve_files
 from resumax.sources.files.readers import default_max_open_files
+from resumax.sources.files.resolve import files_fingerprint, resolve_files
 from tests.conftest import make_examples
 
 

@@ -42,7 +42,7 @@ from resumax.sources.base import DataPosition, RecordSource
 from resumax.sources.state_files import StateFileCheckpointable
 from resumax.stages.operators import OperatorStates
 from resumax.stages.transforms import BatchMap, Filter, Operator, as_stage
-from resumax.workers.pool import WorkerPool
+from resumax.workers.pool import TASKS_PER_WORKER, WorkerPool
 from resumax.workers.worker import check_worker_timeout, require_picklable
 
 DEFAULT_PREFETCH = 2
@@ -184,7 +184,32 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
             raise ConfigError("PackSequences must be the last stage, after every BatchMap stage")
         self.packed_rows = DataPosition(0)
         self._worker_recipe = self._make_worker_recipe() if num_workers else None
+        self._max_group = self._group_size()
         self._active = ActiveIterator()
+
+    def _group_size(self) -> int:
+        """Spans per message to a worker: without per-record stages, about TASK_RECORDS
+        positions (a stage's span, or a window, goes alone, so that a slow or stuck stage never
+        holds back the batches before it); fewer when the source can read only so far ahead
+        (a remote source's cache). ConfigError when even prefetch alone reads too far ahead."""
+        grouped = self._packing is None and not self._record_path.record_stages
+        max_group = -(-TASK_RECORDS // self.batch_size) if grouped else 1
+        limit = self.source.read_ahead_limit()
+        if limit is None:
+            return max_group
+        span = self._packing.window if self._packing is not None else self.batch_size
+        span *= self.process_count
+        ahead = (self.prefetch + 2) * span
+        groups = self.num_workers * TASKS_PER_WORKER
+        if ahead + groups * span > limit:
+            raise ConfigError(
+                f"the source's cache_limit holds the shards of {limit} positions, but this "
+                f"pipeline reads up to {ahead + groups * span} positions ahead (batch_size "
+                f"{self.batch_size} x process_count {self.process_count}, prefetch "
+                f"{self.prefetch}, num_workers {self.num_workers}); raise cache_limit, or lower "
+                "shuffle_window, prefetch or num_workers"
+            )
+        return max(1, min(max_group, (limit - ahead) // max(1, groups * span)))
 
     def _make_worker_recipe(self) -> Callable[[], RecordPath]:
         """What each worker runs once: open the source again and build its RecordPath.
@@ -228,6 +253,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
                 end,
                 aligned=self._has_filter,
             )
+        span_stream = self.source.spans_ready(span_stream)
         pool = None
         if self._worker_recipe is not None:
             pool = WorkerPool(
@@ -240,9 +266,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
             # Without per-record stages, spans go to workers in groups of about TASK_RECORDS
             # positions; a stage's span (or a window) goes alone, so a slow or stuck stage never
             # holds back the batches before it.
-            grouped = self._packing is None and not self._record_path.record_stages
-            max_group = -(-TASK_RECORDS // self.batch_size) if grouped else 1
-            chunks = pool.map(span_stream, max_group)
+            chunks = pool.map(span_stream, self._max_group)
         else:
             chunks = map(task, span_stream)
         if self._packing is not None:

@@ -208,7 +208,11 @@ def read_index(path: str) -> dict:
     length and record counts that are ints >= 0 (the optional inodes column is not checked).
     Raises one of INDEX_ERRORS, saying why, otherwise."""
     with open(path) as file:
-        payload = json.load(file)
+        return check_index(json.load(file))
+
+
+def check_index(payload: dict) -> dict:
+    """`payload` if it is a shard index (`read_index`'s checks), else one of INDEX_ERRORS."""
     if payload.get("format") != INDEX_FORMAT or payload.get("version") != INDEX_VERSION:
         raise ValueError(f"not a {INDEX_FORMAT} version {INDEX_VERSION}")
     if len({len(payload[column]) for column in _COLUMNS}) != 1:
@@ -333,14 +337,10 @@ def _from_tfds_info(path: str, stem: str, members: _Members, lookup: Lookup) -> 
     try:
         with open(path) as file:
             info = json.load(file)
-        lengths = {
-            f"{info['name']}-{split['name']}.array_record": split.get("shardLengths")
-            for split in info.get("splits", [])
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError) as error:
         logger.info("cannot use %s (%s): opening the files", path, error)
         return
-    shard_lengths = lengths.get(stem)
+    shard_lengths = tfds_shard_lengths(info, stem)
     positions, shards = members
     for offset, position in enumerate(positions):
         index, total = (offset, len(positions)) if shards is None else shards[offset][1:3]
@@ -348,3 +348,17 @@ def _from_tfds_info(path: str, stem: str, members: _Members, lookup: Lookup) -> 
             lookup.stale[position] = f"{path!r} lists no {total} shard lengths for {stem!r}"
         else:
             lookup.counts[position] = int(shard_lengths[index])
+
+
+def tfds_shard_lengths(info: object, stem: str) -> list | None:
+    """The `shardLengths` a TFDS `dataset_info.json` (parsed) gives the files named `stem`
+    (`<name>-<split>.array_record`), or None."""
+    try:
+        lengths = {
+            f"{info['name']}-{split['name']}.array_record": split.get("shardLengths")
+            for split in info.get("splits", [])
+        }
+    except (KeyError, TypeError, AttributeError) as error:
+        logger.info("cannot use dataset_info.json (%s): opening the files", error)
+        return None
+    return lengths.get(stem)

@@ -7,227 +7,26 @@ are opened on demand from a bounded pool (`resumax.sources.files.readers`).
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import functools
-import glob
-import hashlib
-import json
-import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
 from resumax import records
-from resumax.errors import (
-    ConfigError,
-    DataFileNotFoundError,
-    DataSourceError,
-    RecordDecodeError,
-    StateMismatchError,
-)
-from resumax.records import shard_index
+from resumax.errors import ConfigError, DataSourceError, RecordDecodeError, StateMismatchError
+from resumax.records import storage
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
-from resumax.sources.files.listing import identify_by_listing
-from resumax.sources.files.readers import (
-    ArrayRecordFiles,
-    FileIdentity,
-    default_max_open_files,
-    open_reader,
-    stat_files,
-)
+from resumax.sources.files.fetch_ahead import ReadAhead
+from resumax.sources.files.file_schedule import FileSchedule
+from resumax.sources.files.readers import ArrayRecordFiles, default_max_open_files
+from resumax.sources.files.remote import RemoteFiles, cache_settings, resolve_remote
+from resumax.sources.files.resolve import PathsLike, ResolvedFiles, resolve_files
+from resumax.sources.files.shard_cache import ShardCache
 from resumax.sources.files.window_reads import BlockCache
-
-_GLOB_CHARACTERS = frozenset("*?[")
-logger = logging.getLogger("resumax")
-
-PathLike = str | bytes | os.PathLike
-PathsLike = PathLike | Sequence[PathLike]
-
-
-# Directory (absolute) -> {name: inode}, from the listing a glob took.
-Listings = dict[str, dict[str, int]]
-
-
-def _expand(pattern: str, listings: Listings) -> list[str]:
-    """An existing path as it is; otherwise the sorted matches of the glob (never an index file).
-
-    A directory part that exists literally (`run[1]/`) is taken literally too, so only the
-    pattern's remaining part is expanded.
-    """
-    if os.path.exists(pattern) or not _GLOB_CHARACTERS.intersection(pattern):
-        return [pattern]
-    directory, name = os.path.split(pattern)
-    if not _GLOB_CHARACTERS.intersection(directory) or os.path.isdir(directory):
-        matches = _match_in(directory, name, listings)
-    else:
-        matches = sorted(path for path in glob.glob(pattern) if not shard_index.is_index_file(path))
-    if not matches:
-        raise DataFileNotFoundError(f"the glob {pattern!r} matches no file")
-    shard_index.check_complete_sets(matches, pattern)
-    return matches
-
-
-def _match_in(directory: str, name_pattern: str, listings: Listings) -> list[str]:
-    """Sorted files of one literal directory whose names match, as glob would (no hidden files
-    unless the pattern starts with a dot), in one listing: fast for 10^5 shards. The listing's
-    inodes go to `listings` (`listed_files` identifies an indexed set by them)."""
-    try:
-        with os.scandir(directory or ".") as entries:
-            inodes = {entry.name: entry.inode() for entry in entries}
-    except OSError:
-        return []
-    listings[os.path.abspath(directory or ".")] = inodes
-    matches = fnmatch.filter(inodes, name_pattern)
-    matches.sort()
-    # A pattern that starts with a literal other than "." matches no hidden name, and one that
-    # ends with a literal other than the index suffix's last character matches no index.
-    first, last = name_pattern[:1], name_pattern[-1:]
-    if first in _GLOB_CHARACTERS:
-        matches = [name for name in matches if name[:1] != "."]
-    if last in _GLOB_CHARACTERS or last == "]" or last == shard_index.INDEX_SUFFIX[-1]:
-        matches = [name for name in matches if not shard_index.is_index_file(name)]
-    return list(map(os.path.join(directory, "").__add__, matches))
-
-
-def resolve_paths(paths: PathsLike) -> list[str]:
-    """Expands one path, a glob or a list of either (str, bytes or os.PathLike) into files.
-
-    A path that exists is taken literally even when it holds glob characters (`run[1]/x`); only
-    patterns that match no existing file are expanded, and their matches sorted.
-    """
-    return _resolve_paths(paths, {})
-
-
-def _resolve_paths(paths: PathsLike, listings: Listings) -> list[str]:
-    """`resolve_paths`, keeping the directory listings its globs took in `listings`."""
-    if isinstance(paths, (str, bytes, os.PathLike)):
-        paths = [paths]
-    if not isinstance(paths, Sequence) or not paths:
-        raise DataSourceError(
-            f"paths must be a path, a glob or a non-empty list of them, got {paths!r}"
-        )
-    files: list[str] = []
-    for path in paths:
-        try:
-            pattern = os.fsdecode(path)
-        except TypeError:
-            raise DataSourceError(
-                f"a data path must be a str, bytes or os.PathLike, got {path!r}"
-            ) from None
-        files.extend(_expand(pattern, listings))
-    return files
-
-
-@dataclasses.dataclass(frozen=True)
-class ResolvedFiles:
-    """A source's files as its process found them: what workers open, never resolving again.
-
-    paths are absolute; identities and record counts are those the parent saw.
-    """
-
-    paths: tuple[str, ...]
-    identities: tuple[FileIdentity, ...]
-    counts: tuple[int, ...]
-    fingerprint: str
-    # Files the shard index did not describe: "name: why; it has N records".
-    stale: tuple[str, ...] = ()
-    # The shard index the identities were taken from (a set identified by its listing), if any.
-    index: str | None = None
-
-
-# Characters json.dumps writes as they are: printable ASCII but the quote and the backslash.
-_JSON_PLAIN = bytes(set(range(0x20, 0x7F)) - set(b'"\\'))
-
-
-def files_fingerprint(names: Sequence[str], counts: Sequence[int], hashes: Sequence[str]) -> str:
-    """A short hash of the files' names, record counts and content hashes: identifies the
-    records, not where the files live, so a moved or renamed directory keeps it."""
-    counts = [int(count) for count in counts]
-    text = ("".join(names) + "".join(hashes)).encode("utf-8", "backslashreplace")
-    if names and not text.translate(None, _JSON_PLAIN):
-        # Nothing to escape: the very text json.dumps gives, joined without per-item encoding.
-        quoted = '", "'
-        payload = (
-            f'[["{quoted.join(names)}"], [{", ".join(map(str, counts))}], '
-            f'["{quoted.join(hashes)}"]]'
-        )
-    else:
-        payload = json.dumps([list(names), counts, list(hashes)])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def resolve_files(paths: PathsLike, max_open_files: int | None = None) -> ResolvedFiles:
-    """Finds, checks and identifies a source's files; opens only those no index describes.
-
-    Record counts and content hashes come from the shard index `write_shards` writes beside a
-    set, or from a TFDS `dataset_info.json` (`shardLengths`; TFDS stores no hash, so such a
-    file's fingerprint part is its size); other files are opened once to count and hashed with
-    `shard_index.content_hash`. Which files were opened, and why, is logged or warned. A whole
-    set whose index records inodes is identified from one directory listing, with no stat per
-    file (`listed_files`); each file is still checked against that identity when opened.
-    """
-    listings: Listings = {}
-    found = _resolve_paths(paths, listings)
-    absolute = [path if path.startswith(os.sep) else os.path.abspath(path) for path in found]
-    names = [path.rpartition(os.sep)[2] for path in absolute]
-    listed = identify_by_listing(absolute, listings)
-    if listed is not None:
-        identities, counts, hashes, index = listed
-        return ResolvedFiles(
-            paths=tuple(absolute),
-            identities=tuple(identities),
-            counts=tuple(counts),
-            fingerprint=files_fingerprint(names, counts, hashes),
-            index=index,
-        )
-    identities = stat_files(found)
-    sizes, mtimes = [i[0] for i in identities], [i[1] for i in identities]
-    lookup = shard_index.look_up(absolute, names, sizes, mtimes)
-    counts, hashes = lookup.counts, lookup.hashes
-    opened = [position for position, count in enumerate(counts) if count is None]
-    for position in opened:
-        path = absolute[position]
-        reader = open_reader(path, identities[position], max_open_files)
-        counts[position], hashes[position] = reader.num_records(), shard_index.content_hash(path)
-        reader.close()
-    if None in hashes:
-        hashes = [content or f"size:{size}" for content, size in zip(hashes, sizes, strict=True)]
-    stale = [
-        f"{names[position]}: {why}; it has {counts[position]} records"
-        for position, why in sorted(lookup.stale.items())
-    ]
-    _report_opened(absolute, [p for p in opened if p not in lookup.stale], stale)
-    return ResolvedFiles(
-        paths=tuple(absolute),
-        identities=tuple(identities),
-        counts=tuple(counts),
-        fingerprint=files_fingerprint(names, counts, hashes),
-        stale=tuple(stale),
-    )
-
-
-def _report_opened(paths: list[str], unindexed: list[int], stale: list[str]) -> None:
-    if stale:
-        shown = " | ".join(stale[:3])
-        more = f" (and {len(stale) - 3} more)" if len(stale) > 3 else ""
-        warnings.warn(
-            f"{len(stale)} data file(s) differ from their shard index, so they were opened to "
-            f"count and hash their records: {shown}{more}",
-            stacklevel=4,
-        )
-    if unindexed:
-        logger.info(
-            "no shard index describes %d of %d data file(s) (e.g. %s): opened them to count and "
-            "hash their records",
-            len(unindexed),
-            len(paths),
-            paths[unindexed[0]],
-        )
 
 
 class ArrayRecordSourceModule(RecordSource):
@@ -246,6 +45,16 @@ class ArrayRecordSourceModule(RecordSource):
         `ulimit -n` less half of it, at least 896 left free (128 under 1024, 10,000 under
         20,000), between 16 and 32,768. Each worker process has its own pool. Shuffled reading
         over more files than this reopens files (~30 microseconds each).
+      storage_options: passed as they are to fsspec for URL paths (`s3://`, `gs://`, any fsspec
+        protocol), e.g. `endpoint_url`, `key` / `secret`, `token`, `anon`; credentials otherwise
+        come from each library's standard chain. Never part of the state.
+      cache_dir: where URL paths' shards are kept, shared by every process of the host; default
+        `$RESUMAX_CACHE_DIR`, else `~/.cache/resumax`.
+      cache_limit: bytes (or a string such as "20GB") the cache directory may hold, downloads in
+        progress included; default 80% of the free disk space there. ConfigError at
+        construction when the read order needs more at once.
+      fetch_threads: parallel downloads ahead of the read order (default 8).
+      fetch_timeout: seconds one shard's download, retries included, may take (default 120).
 
     The fingerprint hashes each file's name, record count and content hash (see
     `resolve_files`): a regenerated shard changes it, a moved directory does not. Every file
@@ -260,6 +69,11 @@ class ArrayRecordSourceModule(RecordSource):
         rngs: nnx.Rngs | None = None,
         decode: Callable[[bytes], Any] | None = None,
         max_open_files: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_limit: int | str | None = None,
+        fetch_threads: int | None = None,
+        fetch_timeout: float | None = None,
     ):
         if max_open_files is None:
             max_open_files = default_max_open_files()
@@ -270,12 +84,26 @@ class ArrayRecordSourceModule(RecordSource):
         ):
             raise ConfigError(f"max_open_files must be None or an int >= 1, got {max_open_files!r}")
         if not isinstance(paths, ResolvedFiles):
-            paths = resolve_files(paths, max_open_files)
+            urls = _urls(paths)
+            if urls:
+                options = storage.check_storage_options(storage_options)
+                settings = cache_settings(cache_dir, cache_limit, fetch_threads, fetch_timeout)
+                paths = resolve_remote(urls, options, settings)
+            else:
+                paths = resolve_files(paths, max_open_files)
         self._resolved = paths
         self.paths = list(paths.paths)
         self.max_open_files = max_open_files
+        self._cache = None
+        if isinstance(paths, RemoteFiles):
+            self._cache = ShardCache(paths.shards, paths.settings)
         self._files = ArrayRecordFiles(
-            paths.paths, paths.counts, paths.identities, max_open_files, index=paths.index
+            paths.paths,
+            paths.counts,
+            paths.identities,
+            max_open_files,
+            index=paths.index,
+            local_path=self._cache.fetch if self._cache is not None else None,
         )
         total = sum(paths.counts)
         if total == 0:
@@ -284,6 +112,43 @@ class ArrayRecordSourceModule(RecordSource):
         super().__init__(config, records_per_epoch=int(total), fingerprint=paths.fingerprint)
         window = config.shuffle_window
         self._blocks = BlockCache(self._files, window) if window is not None else None
+        self._schedule = None
+        if self._cache is not None:
+            self._schedule = FileSchedule(paths.counts, config)
+            _check_cache_limit(self._schedule, paths.shards.sizes, paths.settings.limit)
+
+    def read_ahead_limit(self) -> int | None:
+        """With URL paths: the positions whose shards `cache_limit` holds at once."""
+        if self._cache is None:
+            return None
+        return self._schedule.positions_within(
+            self._resolved.shards.sizes, self._cache.settings.limit
+        )
+
+    def spans_ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        """With URL paths: each span once its shards are in the local cache (and pinned there
+        until the caller has received it), downloading ahead in read order meanwhile."""
+        if self._cache is None:
+            return spans
+        return ReadAhead(self._cache, self._schedule, self._file_ids_of, self._delivered).spans(
+            spans
+        )
+
+    def _file_ids_of(self, start: int, stop: int) -> np.ndarray:
+        """The files the records at global positions [start, stop) lie in."""
+        per_epoch = self.records_per_epoch
+        indices = []
+        while start < stop:
+            epoch, index = divmod(start, per_epoch)
+            end = min(stop - epoch * per_epoch, per_epoch)
+            indices.append(self.record_indices(epoch, index, end))
+            start = epoch * per_epoch + end
+        found = np.searchsorted(self._files.starts, np.concatenate(indices), side="right") - 1
+        return np.unique(found)
+
+    def _delivered(self) -> int:
+        epoch, index = self.position
+        return epoch * self.records_per_epoch + index
 
     def file_record_counts(self) -> Sequence[int]:
         """Records of each file, in the order of `paths`."""
@@ -383,4 +248,45 @@ class ArrayRecordSourceModule(RecordSource):
         if self._blocks is not None:
             self._blocks.clear()
         self._files.close()
+        if self._cache is not None:
+            self._cache.close()
         super().close()
+
+
+def _urls(paths: Any) -> list[str]:
+    """The paths as strings when they are URLs (all of them), [] when none is; ConfigError for
+    a mix, which would read one set from two places."""
+    listed = [paths] if isinstance(paths, str | bytes | os.PathLike) else paths
+    if not isinstance(listed, Sequence) or isinstance(listed, str | bytes):
+        return []
+    try:
+        names = [os.fsdecode(path) for path in listed]
+    except TypeError:
+        return []  # resolve_files names the bad value
+    urls = [name for name in names if storage.is_url(name)]
+    if urls and len(urls) != len(names):
+        local = next(name for name in names if not storage.is_url(name))
+        raise ConfigError(
+            f"paths mix URLs ({urls[0]!r}) and local paths ({local!r}); use one kind per "
+            "source, or a MixtureSource of two sources"
+        )
+    return urls
+
+
+def _check_cache_limit(schedule: FileSchedule, sizes: Sequence[int], limit: int) -> None:
+    """ConfigError when the read order needs more bytes on disk at once than `limit`."""
+    needed = schedule.bytes_at_once(sizes)
+    if needed <= limit:
+        return
+    if schedule.global_shuffle:
+        why = (
+            f"the global shuffle reads any shard at any time, so the whole set ({needed} bytes) "
+            "must fit"
+        )
+    else:
+        why = f"the read order needs up to {needed} bytes of shards on disk at once"
+    raise ConfigError(
+        f"cache_limit={limit} bytes is too small: {why}. Either read with a shuffle_window "
+        "(ArrayRecordSourceConfig(shuffle_window=...), which needs only the shards of a few "
+        f"windows), or raise cache_limit to at least {needed} bytes"
+    )

@@ -161,6 +161,16 @@ class RecordSource(StateFileCheckpointable, nnx.Module, pytree=False):
             "reopener(); use num_workers=0"
         )
 
+    def read_ahead_limit(self) -> int | None:
+        """The most positions a pipeline may read ahead of the caller (None: no bound); a
+        remote source's cache holds only so many shards."""
+        return None
+
+    def spans_ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        """The spans of global positions a pipeline will read, each yielded once this source can
+        read it without waiting (a remote source fetches its shards first); default: as given."""
+        return spans
+
     def __len__(self) -> int:
         return self.records_per_epoch
 

@@ -53,6 +53,10 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
+# Groups of tasks each worker holds at once (one computing, one queued).
+TASKS_PER_WORKER = 2
+
+
 class WorkerPool:
     """`num_workers` processes, each running `make_task_fn()` once, then its result per task.
 
@@ -73,7 +77,7 @@ class WorkerPool:
         make_task_fn: Callable[[], Callable[[Any], Any]],
         num_workers: int,
         *,
-        tasks_per_worker: int = 2,
+        tasks_per_worker: int = TASKS_PER_WORKER,
         timeout: float | None = None,
         activities: Sequence[str] = (),
         describe_task: Callable[[Any], str] = repr,

@@ -11,7 +11,7 @@ import resource
 import stat as stat_module
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,10 +180,14 @@ class ReaderPool:
         counts: Sequence[int],
         max_open_files: int,
         index: str | None = None,
+        local_path: Callable[[int], str] | None = None,
     ):
         self.paths, self.identities, self.counts = paths, identities, counts
         self.max_open_files = max_open_files
         self.index = index  # the shard index the identities come from, if any
+        # For remote files: file id -> the local copy, fetched first if need be (`paths` then
+        # are URLs, for messages, and the copies are checked by the cache, not by identity).
+        self.local_path = local_path
         self.lock = threading.Lock()
         # file id -> open reader, least recently used first.
         self.open_readers: OrderedDict[int, Any] = OrderedDict()
@@ -203,7 +207,10 @@ class ReaderPool:
         """A new reader of file `file_id`, checked to be the file and record count the source
         saw; the pool does not hold it (any thread may call this without the lock)."""
         path = self.paths[file_id]
-        reader = open_reader(path, self.identities[file_id], self.max_open_files, self.index)
+        if self.local_path is not None:
+            reader = open_reader(self.local_path(file_id), None, self.max_open_files)
+        else:
+            reader = open_reader(path, self.identities[file_id], self.max_open_files, self.index)
         if reader.num_records() != self.counts[file_id]:
             found = reader.num_records()
             reader.close()
@@ -244,11 +251,14 @@ class ArrayRecordFiles:
         identities: Sequence[FileIdentity],
         max_open_files: int,
         index: str | None = None,
+        local_path: Callable[[int], str] | None = None,
     ):
         self.paths = list(paths)
         self.counts = [int(count) for count in counts]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.pool = ReaderPool(self.paths, list(identities), self.counts, max_open_files, index)
+        self.pool = ReaderPool(
+            self.paths, list(identities), self.counts, max_open_files, index, local_path
+        )
 
     def locate(self, record_index: int) -> tuple[str, int]:
         """(file path, index within that file) of a global record index."""

@@ -1,0 +1,123 @@
+"""When each file of a source is read, from the source's order alone: the positions each file is
+needed at in an epoch, its next use after a position (Belady's farthest-next-use eviction), and
+the bytes that must be on disk at once. Pure functions of (counts, seed, shuffle settings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from resumax.sources.base import ArrayRecordSourceConfig
+from resumax.sources.window_order import WindowOrder
+
+
+class FileSchedule:
+    """Which files are needed when, under one source's order.
+
+    Each file is needed on one range of positions per epoch: with `shuffle_window` W, the
+    windows its records fall in (the file's span in the epoch's file order, widened to whole
+    windows); in file order, its own records' positions; under the global shuffle, the whole
+    epoch (every file may be read at any time, so all must fit on disk).
+    """
+
+    def __init__(self, counts: Sequence[int], config: ArrayRecordSourceConfig):
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.num_records = int(self.counts.sum())
+        self.config = config
+        self.window = config.shuffle_window if config.shuffle_files else None
+        self._window_order = (
+            WindowOrder(self.counts, config.seed, self.window) if self.window is not None else None
+        )
+        self._ranges: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    @property
+    def global_shuffle(self) -> bool:
+        return self.config.shuffle_files and self.window is None
+
+    def ranges(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first, end) position within `epoch` where each file (by file id) is needed."""
+        if self._ranges is not None and self._ranges[0] == epoch:
+            return self._ranges[1]
+        total = self.num_records
+        if self.global_shuffle:
+            first = np.zeros(len(self.counts), np.int64)
+            end = np.full(len(self.counts), total, np.int64)
+        elif self._window_order is None:
+            end = np.cumsum(self.counts)
+            first = end - self.counts
+        else:
+            files, offsets = self._window_order.file_layout(epoch)
+            window = self.window
+            first, end = np.empty_like(offsets[:-1]), np.empty_like(offsets[:-1])
+            first[files] = offsets[:-1] // window * window
+            end[files] = np.minimum(-(-offsets[1:] // window) * window, total)
+        self._ranges = (epoch, (first, end))
+        return first, end
+
+    def next_use(self, position: int) -> np.ndarray:
+        """For every file, the first global position >= `position` at which it is needed (files
+        needed at `position` itself get `position`)."""
+        epoch, index = divmod(position, self.num_records)
+        first, end = self.ranges(epoch)
+        this_epoch = np.where(end > index, np.maximum(first, index) + epoch * self.num_records, -1)
+        later_first, _ = self.ranges(epoch + 1)
+        next_epoch = later_first + (epoch + 1) * self.num_records
+        return np.where(this_epoch >= 0, this_epoch, next_epoch)
+
+    def files_between(self, start: int, stop: int) -> np.ndarray:
+        """File ids needed anywhere in global positions [start, stop), by first use."""
+        found: dict[int, int] = {}
+        position = start
+        while position < stop:
+            epoch, index = divmod(position, self.num_records)
+            first, end = self.ranges(epoch)
+            epoch_stop = min(stop - epoch * self.num_records, self.num_records)
+            needed = np.flatnonzero((first < epoch_stop) & (end > index))
+            for file_id in needed[np.argsort(np.maximum(first[needed], index), kind="stable")]:
+                found.setdefault(int(file_id), position)
+            position = (epoch + 1) * self.num_records
+        return np.fromiter(found, dtype=np.int64, count=len(found))
+
+    def uses_from(self, position: int) -> Iterator[tuple[int, int]]:
+        """(position of first use, file id) of the files in the order they are first needed from
+        `position` on, epoch after epoch (a file once per epoch)."""
+        epoch, index = divmod(position, self.num_records)
+        while True:
+            first, end = self.ranges(epoch)
+            starts = np.maximum(first, index)
+            live = np.flatnonzero(end > index)
+            base = epoch * self.num_records
+            for file_id in live[np.argsort(starts[live], kind="stable")]:
+                yield int(starts[file_id]) + base, int(file_id)
+            epoch, index = epoch + 1, 0
+
+    def bytes_at_once(self, sizes: Sequence[int], positions: int = 0) -> int:
+        """An upper bound of the bytes of the files needed at once while `positions` positions
+        are read ahead of the caller: the whole set under the global shuffle; otherwise the
+        largest files that records within those positions and two windows can touch."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if self.global_shuffle:
+            return int(sizes.sum())
+        span = positions + 2 * (self.window or 1)
+        smallest = np.sort(self.counts)
+        # Files whose records fit in the span, plus one partial file at each end.
+        touched = int(np.searchsorted(np.cumsum(smallest), span, side="left")) + 2
+        return int(np.sort(sizes)[::-1][:touched].sum())
+
+    def positions_within(self, sizes: Sequence[int], limit: int) -> int | None:
+        """The most positions that can be read ahead with `limit` bytes on disk (None: any
+        number, the global shuffle holding the whole set anyway; 0: not even the windows)."""
+        if self.global_shuffle:
+            return None
+        low, high = 0, self.num_records * 2
+        if self.bytes_at_once(sizes, 0) > limit:
+            return 0
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.bytes_at_once(sizes, middle) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        return low

@@ -1,0 +1,382 @@
+"""`ShardCache`: whole remote shards in a bounded local directory, shared by every process of a
+host, each shard downloaded to a temporary name, checked against its size and content hash, and
+renamed into place.
+
+Layout of the cache directory:
+    shards/<hash>-<size>.array_record    complete, checked shards (named by content: two datasets,
+                                         or two copies of one, share a directory safely)
+    tmp/<hash>-<size>.<pid>.<n>.partial  downloads in progress (counted at their full size)
+    locks/<hash>-<size>.lock             held while one process downloads that shard
+    .lock                                held while a process counts the bytes and evicts
+
+A process pins the shards it still needs (a shared `flock` on the shard), and eviction skips
+pinned shards; among the rest it removes the one whose next use is farthest (`next_use`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from resumax.errors import DataSourceError
+from resumax.records import shard_index, storage
+
+_SHARD_SUFFIX = ".array_record"
+_PARTIAL_SUFFIX = ".partial"
+_POLL = 0.05
+# The first retry of a failed download waits this long, each next one twice as long.
+_FIRST_BACKOFF = 0.2
+
+
+class NoRoom(Exception):
+    """No room for a download ahead of need without evicting a shard needed sooner."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteShards:
+    """The objects of a remote set: URLs, sizes, content hashes (None where only the size can be
+    checked, e.g. a TFDS set) and the fsspec options to reach them (never part of a state)."""
+
+    urls: tuple[str, ...]
+    sizes: tuple[int, ...]
+    hashes: tuple[str | None, ...]
+    storage_options: dict[str, Any]
+
+    def key(self, file_id: int) -> str:
+        """The cache name of a shard: its content hash (or a hash of its URL) and size."""
+        content = self.hashes[file_id]
+        if content is None:
+            content = hashlib.sha256(self.urls[file_id].encode()).hexdigest()[:32]
+        return f"{content}-{self.sizes[file_id]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSettings:
+    """Where and how much: the directory, its byte limit, parallel downloads and the seconds one
+    shard's download (with its retries) may take."""
+
+    directory: str
+    limit: int
+    fetch_threads: int
+    fetch_timeout: float
+
+
+def shard_path(directory: str, key: str) -> str:
+    """Where the cache in `directory` keeps the complete shard named `key`."""
+    return os.path.join(directory, "shards", key + _SHARD_SUFFIX)
+
+
+def _size_of(name: str) -> int:
+    """The byte size a cache file's name records (`<hash>-<size>...`)."""
+    return int(name.split(".", 1)[0].rsplit("-", 1)[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _flock(path: str, mode: int, deadline: float | None = None) -> Iterator[None]:
+    """Holds `flock(mode)` on `path` (created if missing), polling until `deadline` if given."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, mode | (fcntl.LOCK_NB if deadline is not None else 0))
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(path) from None
+                time.sleep(_POLL)
+        yield
+    finally:
+        os.close(fd)
+
+
+class ShardCache:
+    """Local copies of the shards of one remote set, within `settings.limit` bytes on disk."""
+
+    def __init__(self, shards: RemoteShards, settings: CacheSettings):
+        self.shards, self.settings = shards, settings
+        root = settings.directory
+        self._dirs = {name: os.path.join(root, name) for name in ("shards", "tmp", "locks")}
+        for directory in self._dirs.values():
+            os.makedirs(directory, exist_ok=True)
+        self._by_key = {shards.key(file_id): file_id for file_id in range(len(shards.urls))}
+        self._pins: dict[int, tuple[int, int]] = {}  # file id -> (fd, count)
+        self._lock = threading.Lock()
+        self._counter = itertools.count()
+        # Farthest next use first: set by the owner (from the read order); None: oldest first.
+        self.next_use: Callable[[], np.ndarray] | None = None
+        self.downloaded_bytes = 0
+
+    def path(self, file_id: int) -> str:
+        return shard_path(self.settings.directory, self.shards.key(file_id))
+
+    def cached(self, file_id: int) -> bool:
+        return os.path.exists(self.path(file_id))
+
+    # Fetching ---------------------------------------------------------------------------------
+
+    def fetch(self, file_id: int, pin: bool = False, evict_after: int | None = None) -> str:
+        """The local path of shard `file_id`, downloaded first if missing (once per host: a
+        process downloading it is waited for); pinned when `pin`. DataSourceError naming the
+        URL when it cannot be had within `fetch_timeout`.
+
+        With `evict_after` (a download ahead of need, at that next use), only shards used later
+        (or of other sets) are evicted, and NoRoom is raised at once when that frees too little.
+        """
+        deadline = time.monotonic() + self.settings.fetch_timeout
+        while True:
+            path = self.path(file_id)
+            if not os.path.exists(path):
+                self._download_once(file_id, deadline, evict_after)
+            if not pin or self._pin(file_id):
+                return path
+            # Evicted by another process between the download and the pin: fetch again.
+
+    def _download_once(self, file_id: int, deadline: float, evict_after: int | None) -> None:
+        key = self.shards.key(file_id)
+        lock = os.path.join(self._dirs["locks"], key + ".lock")
+        try:
+            with _flock(lock, fcntl.LOCK_EX, deadline + self.settings.fetch_timeout):
+                if not os.path.exists(self.path(file_id)):
+                    self._download(file_id, deadline, evict_after)
+        except TimeoutError:
+            raise DataSourceError(
+                f"cannot fetch {self.shards.urls[file_id]!r}: another process has been "
+                f"downloading it for over {self.settings.fetch_timeout} s"
+            ) from None
+
+    def _download(self, file_id: int, deadline: float, evict_after: int | None) -> None:
+        """Downloads one shard into a reserved partial file, checks it and renames it."""
+        url, size = self.shards.urls[file_id], self.shards.sizes[file_id]
+        name = f"{self.shards.key(file_id)}.{os.getpid()}.{next(self._counter)}{_PARTIAL_SUFFIX}"
+        partial = os.path.join(self._dirs["tmp"], name)
+        self._reserve(partial, size, deadline, url, evict_after)
+        try:
+            self._get_with_retries(url, partial, deadline)
+            self._check(file_id, partial)
+            os.replace(partial, self.path(file_id))
+            self.downloaded_bytes += size
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+
+    def _get_with_retries(self, url: str, partial: str, deadline: float) -> None:
+        """Downloads `url` into `partial`, retried with backoff on transient errors until
+        `deadline`; a missing object or bucket and refused credentials fail at once. The download
+        runs in a daemon thread, so a server that stops answering never holds the caller (or the
+        interpreter's exit) past the deadline."""
+        fs, remote_path = storage.filesystem(url, self.shards.storage_options)
+        backoff = _FIRST_BACKOFF
+        while True:
+            download = _Download(fs, remote_path, partial)
+            try:
+                finished = download.done.wait(max(deadline - time.monotonic(), 0.0))
+            except BaseException:
+                download.abandon()
+                raise
+            if not finished:
+                download.abandon()
+                raise DataSourceError(
+                    f"cannot fetch {url!r}: no complete download within fetch_timeout="
+                    f"{self.settings.fetch_timeout} s (is the server reachable?)"
+                )
+            if download.error is None:
+                return
+            error = download.error
+            failure = storage.storage_error(url, error, doing="fetch")
+            if storage.is_persistent(error, failure):
+                raise failure from error
+            if time.monotonic() + backoff > deadline:
+                raise DataSourceError(
+                    f"{failure} (retried until fetch_timeout={self.settings.fetch_timeout} s)"
+                ) from error
+            time.sleep(backoff)
+            backoff *= 2
+
+    def _check(self, file_id: int, partial: str) -> None:
+        """Refuses a download whose size or content hash is not the index's."""
+        url, size, expected = (
+            self.shards.urls[file_id],
+            self.shards.sizes[file_id],
+            self.shards.hashes[file_id],
+        )
+        found = os.path.getsize(partial)
+        if found != size:
+            raise DataSourceError(
+                f"{url!r} has {found} bytes where its shard index says {size}: the object "
+                "changed since the set was indexed; write the set anew or run `resumax index`"
+            )
+        if expected is not None and shard_index.content_hash(partial) != expected:
+            raise DataSourceError(
+                f"{url!r} does not hold the content its shard index records (content hash "
+                f"{expected}): the object was replaced; write the set anew or run `resumax index`"
+            )
+
+    # Room -------------------------------------------------------------------------------------
+
+    def _reserve(
+        self, partial: str, size: int, deadline: float, url: str, evict_after: int | None
+    ) -> None:
+        """Creates `partial` once the directory has room for `size` more bytes, evicting the
+        unpinned shards used farthest ahead (only those used after `evict_after`, if given:
+        else NoRoom); waits for pins to go until `deadline`."""
+        limit = self.settings.limit
+        if size > limit:
+            raise DataSourceError(
+                f"{url!r} has {size} bytes, more than cache_limit={limit}: raise cache_limit"
+            )
+        while True:
+            with _flock(os.path.join(self.settings.directory, ".lock"), fcntl.LOCK_EX):
+                used, shards = self._usage()
+                for victim in self._victims(shards, evict_after):
+                    if used + size <= limit:
+                        break
+                    used -= self._evict(victim)
+                if used + size <= limit:
+                    open(partial, "wb").close()
+                    return
+            if evict_after is not None:
+                raise NoRoom(url)
+            if time.monotonic() > deadline:
+                raise DataSourceError(
+                    f"cannot fetch {url!r}: cache_limit={limit} bytes is full of shards still "
+                    "in use (pinned by this or other processes); raise cache_limit or use a "
+                    "smaller shuffle_window"
+                )
+            time.sleep(_POLL)
+
+    def _usage(self) -> tuple[int, list[str]]:
+        """Bytes held (complete shards and reserved downloads) and the complete shards' names;
+        partial files of processes that no longer run are removed."""
+        used = 0
+        shards = os.listdir(self._dirs["shards"])
+        for name in shards:
+            used += _size_of(name)
+        for name in os.listdir(self._dirs["tmp"]):
+            pid = int(name.split(".")[1]) if name.count(".") >= 3 else -1
+            if pid != os.getpid() and not _alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self._dirs["tmp"], name))
+            else:
+                used += _size_of(name)
+        return used, shards
+
+    def _victims(self, names: list[str], evict_after: int | None) -> list[str]:
+        """Cached shard names, the one to evict first first: shards of other sets, then this
+        set's by farthest next use (only those used after `evict_after`, if given)."""
+        next_use = self.next_use() if self.next_use is not None else None
+
+        def rank(name: str) -> float:
+            file_id = self._by_key.get(name[: -len(_SHARD_SUFFIX)])
+            if file_id is None:
+                return float("inf")
+            return float(next_use[file_id]) if next_use is not None else 0.0
+
+        ranked = sorted(names, key=rank, reverse=True)
+        if evict_after is None:
+            return ranked
+        return [name for name in ranked if rank(name) > evict_after]
+
+    def _evict(self, name: str) -> int:
+        """Removes a cached shard unless a process pins it; the bytes freed (0 if pinned)."""
+        path = os.path.join(self._dirs["shards"], name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0
+        try:
+            os.remove(path)
+        finally:
+            os.close(fd)
+        return _size_of(name)
+
+    # Pins -------------------------------------------------------------------------------------
+
+    def _pin(self, file_id: int) -> bool:
+        """Holds a shared lock on the cached shard (eviction skips it); False if it is gone."""
+        with self._lock:
+            held = self._pins.get(file_id)
+            if held is not None:
+                self._pins[file_id] = (held[0], held[1] + 1)
+                return True
+            try:
+                fd = os.open(self.path(file_id), os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if not os.path.exists(self.path(file_id)):  # evicted while we waited for the lock
+                os.close(fd)
+                return False
+            self._pins[file_id] = (fd, 1)
+            return True
+
+    def unpin(self, file_ids: Sequence[int]) -> None:
+        """Releases one pin of each shard (taken by `fetch(..., pin=True)`)."""
+        with self._lock:
+            for file_id in file_ids:
+                fd, count = self._pins[file_id]
+                if count > 1:
+                    self._pins[file_id] = (fd, count - 1)
+                else:
+                    del self._pins[file_id]
+                    os.close(fd)
+
+    def close(self) -> None:
+        """Releases every pin."""
+        with self._lock:
+            for fd, _ in self._pins.values():
+                os.close(fd)
+            self._pins.clear()
+
+
+class _Download:
+    """One object's download into a local file, in a daemon thread; `abandon()` makes the thread
+    remove what it wrote once it ends."""
+
+    def __init__(self, fs: Any, remote_path: str, partial: str):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._abandoned = threading.Event()
+        self._args = (fs, remote_path, partial)
+        threading.Thread(target=self._run, name="resumax-download", daemon=True).start()
+
+    def _run(self) -> None:
+        fs, remote_path, partial = self._args
+        try:
+            fs.get_file(remote_path, partial)
+        except BaseException as error:
+            self.error = error
+        finally:
+            if self._abandoned.is_set():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(partial)
+            self.done.set()
+
+    def abandon(self) -> None:
+        self._abandoned.set()
+        if self.done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._args[2])
