@@ -114,8 +114,9 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
       shard_by_process: with several JAX processes, each reads a disjoint, contiguous slice of
         every global batch (`batch_size * process_count` records in the global order); False
         gives every process the whole stream.
-      process_index, process_count: override `jax.process_index()` / `jax.process_count()`
-        (for launchers that split data differently, and for tests).
+      process_index: overrides `jax.process_index()` (for launchers that split data
+        differently, and for tests).
+      process_count: overrides `jax.process_count()`, likewise.
       worker_timeout: seconds a worker may take to answer before a WorkerError names it, its
         records and the stage it runs (None: wait, logging a warning every
         `resumax.workers.pool.WORKER_WAIT_WARNING_SECONDS`).
@@ -278,7 +279,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
         self._active.set(iterator)
         return iterator
 
-    def batch_functions(self, working: dict[int, nnx.Module]) -> list[tuple[str, Callable]]:
+    def _batch_functions(self, working: dict[int, nnx.Module]) -> list[tuple[str, Callable]]:
         """(name, function) of each batch stage, an operator stage running its working copy
         (`OperatorStates.working_copies`) instead of the user's module."""
         return [
@@ -307,7 +308,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
             self._record_path.record_stages, records_per_epoch, start, end
         )
         fields = BatchFields(functools.partial(describe_records, self.source))
-        batch_functions = self.batch_functions(working)
+        batch_functions = self._batch_functions(working)
         pieces: list[Piece] = []
         pending = 0
         for chunk in chunks:

@@ -129,7 +129,7 @@ def time_steps(pipeline: Pipeline, seconds: float) -> list[StepTime]:
     ]
     decoder = SpanDecoder() if source.batch_decodable else None
     # Operators run on copies: profiling leaves the user's modules as they were.
-    batch_functions = pipeline.batch_functions(pipeline.operator_states.working_copies())
+    batch_functions = pipeline._batch_functions(pipeline.operator_states.working_copies())
     timer = _Timer()
     deadline = time.perf_counter() + seconds
     for epoch, indices in _span_indices(pipeline):
