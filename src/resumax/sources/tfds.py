@@ -16,6 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from resumax.errors import ConfigError, DataFileNotFoundError, RecordDecodeError
+from resumax.records import storage
 from resumax.records.tfexample import TFExample
 from resumax.sources.array_record import ArrayRecordSourceModule
 from resumax.sources.base import ArrayRecordSourceConfig
@@ -35,8 +36,10 @@ _IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _SHARD = re.compile(r"-(\d+)-of-(\d+)$")
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def _read_json(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     try:
+        if storage.is_url(path):
+            return json.loads(storage.read_bytes(path, storage_options))
         with open(path) as file:
             return json.load(file)
     except FileNotFoundError:
@@ -128,9 +131,32 @@ def decode_image(name: str, data: bytes, shape: tuple[int | None, ...]) -> np.nd
     return pixels
 
 
-def dataset_directory(directory: str | os.PathLike) -> str:
+def _remote_dataset_directory(url: str, storage_options: dict[str, Any] | None) -> str:
+    """`dataset_directory` for a URL: one listing of the version folders at most."""
+    url = url.rstrip("/")
+    fs, path = storage.filesystem(url, storage_options)
+    try:
+        if fs.exists(f"{path}/{DATASET_INFO}"):
+            return url
+        versions = sorted(fs.glob(f"{path}/*/{DATASET_INFO}"))
+    except Exception as error:
+        raise storage.storage_error(url, error, doing="list") from error
+    if len(versions) == 1:
+        return fs.unstrip_protocol(versions[0].rpartition("/")[0])
+    raise DataFileNotFoundError(
+        f"{url!r} holds no {DATASET_INFO}"
+        + (f" but several versions: {versions}; pass one" if versions else "")
+        + "; pass the directory TFDS prepared (e.g. gs://bucket/tensorflow_datasets/mnist/3.0.1)"
+    )
+
+
+def dataset_directory(
+    directory: str | os.PathLike, storage_options: dict[str, Any] | None = None
+) -> str:
     """The directory holding dataset_info.json: `directory` itself or its one version folder."""
-    directory = os.path.expanduser(os.fspath(directory))
+    if storage.is_url(os.fspath(directory)):
+        return _remote_dataset_directory(os.fspath(directory), storage_options)
+    directory = os.path.expanduser(storage.local_path(os.fspath(directory)))
     if os.path.exists(os.path.join(directory, DATASET_INFO)):
         return directory
     versions = sorted(glob.glob(os.path.join(glob.escape(directory), "*", DATASET_INFO)))
@@ -145,36 +171,44 @@ def dataset_directory(directory: str | os.PathLike) -> str:
     )
 
 
-def read_info(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_info(
+    directory: str, storage_options: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(dataset_info.json, the features of features.json) of a TFDS dataset directory."""
-    info = _read_json(os.path.join(directory, DATASET_INFO))
+    info = _read_json(storage.join(f"{directory}/", DATASET_INFO), storage_options)
     file_format = info.get("fileFormat", "tfrecord")
     if file_format != "array_record":
         raise ConfigError(
             f"{directory!r} was prepared with file_format={file_format!r}; resumax reads "
             "array_record: run `tfds build --file_format=array_record`"
         )
-    features = _read_json(os.path.join(directory, FEATURES))
+    features = _read_json(storage.join(f"{directory}/", FEATURES), storage_options)
     top = features.get("featuresDict", {}).get("features")
     if not isinstance(top, dict):
         raise _unsupported("<top level>", "not a FeaturesDict")
     return info, top
 
 
-def split_files(directory: str, info: dict[str, Any], split: str) -> list[str]:
-    """The split's `<name>-<split>.array_record-000NN-of-000MM` files, in shard order."""
+def _split_entry(directory: str, info: dict[str, Any], split: str) -> dict[str, Any]:
+    """The split's entry in dataset_info.json, or ConfigError naming the splits there are."""
     splits = {entry.get("name"): entry for entry in info.get("splits", [])}
     if split not in splits:
         raise ConfigError(
             f"TFDS dataset {directory!r} has no split {split!r}; it has {sorted(splits)}"
         )
+    return splits[split]
+
+
+def split_files(directory: str, info: dict[str, Any], split: str) -> list[str]:
+    """The split's `<name>-<split>.array_record-000NN-of-000MM` files, in shard order."""
+    entry = _split_entry(directory, info, split)
     prefix = f"{info.get('name')}-{split}.array_record"
     files = sorted(
         (int(match.group(1)), path)
         for path in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "-*"))
         if (match := _SHARD.search(path))
     )
-    expected = len(splits[split].get("shardLengths", [])) or None
+    expected = len(entry.get("shardLengths", [])) or None
     if not files or (expected is not None and len(files) != expected):
         raise DataFileNotFoundError(
             f"TFDS split {split!r} of {directory!r} should have {expected or 'some'} "
@@ -189,6 +223,7 @@ def tfds_source(
     config: ArrayRecordSourceConfig = ArrayRecordSourceConfig(),  # noqa: B008 (frozen)
     *,
     rngs: nnx.Rngs | None = None,
+    **remote: Any,
 ) -> ArrayRecordSourceModule:
     """The records of one split of a TFDS-prepared ArrayRecord dataset, decoded to numpy.
 
@@ -197,12 +232,22 @@ def tfds_source(
     as int64, Tensor features as their dtype and shape (bytes: `bytes` or a list of them).
     Other feature types raise ConfigError naming the feature: decode those records with your own
     `decode=` over `ArrayRecordSourceModule`. No TensorFlow or tensorflow_datasets is imported.
+
+    `directory` may be a URL (`gs://bucket/tensorflow_datasets/mnist/3.0.1`); `remote` takes
+    `ArrayRecordSourceModule`'s `storage_options`, `cache_dir`, `cache_limit`, `fetch_threads`
+    and `fetch_timeout`. The record counts come from dataset_info.json: no shard is downloaded
+    to build the source.
     """
-    directory = dataset_directory(directory)
-    info, features = read_info(directory)
+    options = remote.get("storage_options")
+    directory = dataset_directory(directory, options)
+    info, features = read_info(directory, options)
     decode = TFDSDecode(features)
-    files = split_files(directory, info, split)
-    return ArrayRecordSourceModule(config, files, rngs=rngs, decode=decode)
+    if storage.is_url(directory):
+        _split_entry(directory, info, split)
+        files: Any = f"{directory}/{info.get('name')}-{split}.array_record-*"
+    else:
+        files = split_files(directory, info, split)
+    return ArrayRecordSourceModule(config, files, rngs=rngs, decode=decode, **remote)
 
 
 def describe(directory: str | os.PathLike) -> dict[str, Any]:

@@ -45,11 +45,14 @@ def build_source(
         ArrayRecordSourceConfig(seed=data.seed, num_epochs=1, shuffle_files=False)
         if evaluation
         else ArrayRecordSourceConfig(
-            seed=data.seed, num_epochs=data.num_epochs, shuffle_files=data.shuffle_files
+            seed=data.seed,
+            num_epochs=data.num_epochs,
+            shuffle_files=data.shuffle_files,
+            shuffle_window=data.shuffle_window,
         )
     )
     try:
-        return ArrayRecordSourceModule(source_config, paths)
+        return ArrayRecordSourceModule(source_config, paths, **data.source_options())
     except DataSourceError as error:
         if data.prepare is not None:
             raise

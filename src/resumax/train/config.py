@@ -11,12 +11,15 @@ import inspect
 import os
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import optax
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resumax.errors import ConfigError
+from resumax.records.storage import is_url
+from resumax.sources.files.remote import parse_bytes
 
 PREPARE_CHOICES = ("digits", "stdlib_text")
 MODEL_CHOICES = ("mlp", "cnn", "transformer")
@@ -37,6 +40,11 @@ class DataConfig:
     any value; see `resumax profile --config` for the one that pays off). `prefetch` batches are
     computed ahead of the step loop; it should exceed the steps the loop runs in one switch
     interval of the interpreter lock (5 ms), so the thread refilling them is never late.
+    Paths may be URLs (`s3://`, `gs://`, any fsspec protocol): `storage_options` go to fsspec as
+    they are, and the shards are read through a local cache (`cache_dir`, `cache_limit` such as
+    "20GB", `fetch_threads`, `fetch_timeout` seconds; unset: the library's defaults).
+    `shuffle_window` reads the files in a shuffled order, records shuffled within windows of
+    that many records, which a cache smaller than the set needs.
     """
 
     dir: str = "runs/data/digits"
@@ -52,6 +60,23 @@ class DataConfig:
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
     sequence_length: int = 128
     window: int = 512
+    shuffle_window: int | None = None
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cache_dir: str | None = None
+    cache_limit: str | None = None
+    fetch_threads: int | None = None
+    fetch_timeout: float | None = None
+
+    def source_options(self) -> dict[str, Any]:
+        """The keywords every ArrayRecordSourceModule of the run takes: where URL paths' shards
+        are cached and how they are fetched (ignored for local paths)."""
+        return {
+            "storage_options": dict(self.storage_options),
+            "cache_dir": self.cache_dir,
+            "cache_limit": self.cache_limit,
+            "fetch_threads": self.fetch_threads,
+            "fetch_timeout": self.fetch_timeout,
+        }
 
 
 @dataclasses.dataclass
@@ -237,6 +262,20 @@ def _validate_data(data: DataConfig) -> None:
         _require(bool(getattr(data, key)), f"data.{key}", "a non-empty path", getattr(data, key))
     for name, weight in data.weights.items():
         _require(weight > 0, f"data.weights.{name}", "> 0", weight)
+    if data.prepare is not None and is_url(data.dir):
+        raise ConfigError(
+            f"data.prepare={data.prepare} writes local files, but data.dir is {data.dir!r}: set "
+            "data.prepare=null to read the set there (prepare it locally, then upload it, e.g. "
+            "with resumax.write_shards('s3://...', examples, num_shards))"
+        )
+    if data.shuffle_window is not None:
+        _require(data.shuffle_window > 0, "data.shuffle_window", "null or > 0", data.shuffle_window)
+    if data.cache_limit is not None:
+        parse_bytes(data.cache_limit, "data.cache_limit")
+    if data.fetch_threads is not None:
+        _require(data.fetch_threads >= 1, "data.fetch_threads", "null or >= 1", data.fetch_threads)
+    if data.fetch_timeout is not None:
+        _require(data.fetch_timeout > 0, "data.fetch_timeout", "null or > 0", data.fetch_timeout)
     _require(data.sequence_length >= 2, "data.sequence_length", ">= 2", data.sequence_length)
     _require(data.window > 0, "data.window", "> 0", data.window)
 

@@ -113,9 +113,11 @@ class LanguageModelTask:
     def _corpus(self, name: str) -> ArrayRecordSourceModule:
         data = self.config.data
         paths = f"{data.dir}/{name}-*.array_record"
-        config = ArrayRecordSourceConfig(seed=data.seed, shuffle_files=data.shuffle_files)
+        config = ArrayRecordSourceConfig(
+            seed=data.seed, shuffle_files=data.shuffle_files, shuffle_window=data.shuffle_window
+        )
         try:
-            return ArrayRecordSourceModule(config, paths)
+            return ArrayRecordSourceModule(config, paths, **data.source_options())
         except DataSourceError as error:
             raise DataSourceError(
                 f"{error}; data.weights names the corpus {name!r}, read from "
