@@ -21,7 +21,7 @@ from resumax.tools import summary
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    print(json.dumps(summary.describe(args.paths), indent=2))
+    print(json.dumps(summary.describe(args.paths, args.storage_options), indent=2))
     return 0
 
 
@@ -88,7 +88,9 @@ def _profile(args: argparse.Namespace) -> int:
         mesh = distributed.data_parallel_mesh()
         pipeline = task.build_pipeline(distributed.pipeline_sharding(mesh))
     elif args.targets:
-        source = ArrayRecordSourceModule(ArrayRecordSourceConfig(shuffle_files=True), args.targets)
+        config = ArrayRecordSourceConfig(shuffle_files=True)
+        options = {"storage_options": args.storage_options}
+        source = ArrayRecordSourceModule(config, args.targets, **options)
         pipeline = Pipeline(source, batch_size=args.batch_size)
     else:
         raise ConfigError("give ArrayRecord paths or globs, or --config CONFIG.yaml")
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="summarise ArrayRecord files (paths or globs) or a TFDS dataset directory"
     )
     inspect.add_argument("paths", nargs="+")
+    _add_storage_options(inspect)
     inspect.set_defaults(run=_inspect)
     convert = commands.add_parser(
         "convert", help="write the rows of an .npz file's arrays as ArrayRecord shards"
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument(
         "--seconds", type=_positive_float, default=2.0, help="duration of each measurement"
     )
+    _add_storage_options(profile)
     profile.set_defaults(run=_profile)
     train = commands.add_parser(
         "train",

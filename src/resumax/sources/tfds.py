@@ -250,10 +250,12 @@ def tfds_source(
     return ArrayRecordSourceModule(config, files, rngs=rngs, decode=decode, **remote)
 
 
-def describe(directory: str | os.PathLike) -> dict[str, Any]:
+def describe(
+    directory: str | os.PathLike, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Name, version, splits (records each) and features of a TFDS dataset directory."""
-    directory = dataset_directory(directory)
-    info, features = read_info(directory)
+    directory = dataset_directory(directory, storage_options)
+    info, features = read_info(directory, storage_options)
     return {
         "tfds": info.get("name"),
         "version": info.get("version"),

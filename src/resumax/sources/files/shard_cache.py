@@ -337,6 +337,8 @@ class ShardCache:
         """Releases one pin of each shard (taken by `fetch(..., pin=True)`)."""
         with self._lock:
             for file_id in file_ids:
+                if file_id not in self._pins:
+                    continue  # released by close() already
                 fd, count = self._pins[file_id]
                 if count > 1:
                     self._pins[file_id] = (fd, count - 1)
