@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from resumax.errors import ConfigError, StateMismatchError
+from resumax.sources import mixture_reads
 from resumax.sources import mixture_schedule as schedule
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
 
@@ -240,6 +241,13 @@ class MixtureSource(RecordSource):
         if position < 0:
             raise IndexError(f"mixture positions are >= 0, got {position}")
         return self.read_records(self.record_indices(0, position, position + 1))[0]
+
+    def spans_ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        """Each span once every component is ready for its draws (remote shards fetched)."""
+        return mixture_reads.spans_ready(self, spans)
+
+    def read_ahead_limit(self) -> int | None:
+        return mixture_reads.read_ahead_limit(self, self._shares)
 
     def close(self) -> None:
         """Closes every component source; reading afterwards raises DataSourceError."""

@@ -1,0 +1,76 @@
+"""A mixture's spans made ready by its components: each span of mixture positions becomes, per
+component, the span of that component's draws, which the component prepares (a remote component
+fetches and pins its shards) before the mixture span is read.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from resumax.sources.base import RecordSource
+
+
+class Mixture(Protocol):
+    names: tuple[str, ...]
+    components: Mapping[str, RecordSource]
+
+    def draws_before(self, position: int) -> np.ndarray: ...
+
+
+class _Feed:
+    """The spans handed to one component's `spans_ready`, one at a time."""
+
+    def __init__(self) -> None:
+        self.spans: deque[tuple[int, int]] = deque()
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        if not self.spans:
+            raise StopIteration
+        return self.spans.popleft()
+
+
+def spans_ready(mixture: Mixture, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """`spans` of mixture positions, each yielded once every component is ready for its draws."""
+    feeds = [_Feed() for _ in mixture.names]
+    ready: list[Iterator[Any]] = [
+        mixture.components[name].spans_ready(feed)
+        for name, feed in zip(mixture.names, feeds, strict=True)
+    ]
+    try:
+        for start, stop in spans:
+            first, last = mixture.draws_before(start), mixture.draws_before(stop)
+            _prepare(feeds, ready, first.tolist(), last.tolist())
+            yield start, stop
+    finally:
+        for component in ready:
+            close = getattr(component, "close", None)
+            if close is not None:
+                close()
+
+
+def _prepare(
+    feeds: list[_Feed], ready: list[Iterator[Any]], first: Sequence[int], last: Sequence[int]
+) -> None:
+    for feed, component, begin, end in zip(feeds, ready, first, last, strict=True):
+        if end > begin:
+            feed.spans.append((begin, end))
+            next(component)
+
+
+def read_ahead_limit(mixture: Mixture, shares: Sequence[int]) -> int | None:
+    """The mixture positions whose draws every component can read ahead (None: no bound): a
+    component with a share s of the positions and a limit L bounds them to about L / s."""
+    total = sum(shares)
+    limits = []
+    for name, share in zip(mixture.names, shares, strict=True):
+        limit = mixture.components[name].read_ahead_limit()
+        if limit is not None:
+            limits.append(limit * total // max(share, 1))
+    return min(limits) if limits else None
