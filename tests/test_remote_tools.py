@@ -83,4 +83,5 @@ def test_inspect_names_a_missing_bucket(capsys, s3_server):
     )
     assert status == 2
     error = capsys.readouterr().err
-    assert "no-such-bucket-here" in error and "DataFileNotFoundError" in error
+    assert "the bucket 'no-such-bucket-here' does not exist" in error
+    assert "DataFileNotFoundError" in error

@@ -192,6 +192,11 @@ def _list_one(pattern: str, storage_options: dict[str, Any]) -> dict[str, int]:
                 if info.get("type") != "directory" and not shard_index.is_index_file(name)
             }
             if not found:
+                bucket = storage.bucket_of(pattern)
+                if not fs.exists(bucket):
+                    raise DataFileNotFoundError(
+                        f"cannot list {pattern!r}: the bucket {bucket!r} does not exist"
+                    )
                 raise DataFileNotFoundError(f"the glob {pattern!r} matches no object")
             shard_index.check_complete_sets(list(found), pattern)
             return found
