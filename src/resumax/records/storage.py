@@ -95,6 +95,8 @@ def storage_error(url: str, error: BaseException, doing: str = "read") -> DataSo
         "nosuchbucket" in lowered
         or "bucket does not exist" in lowered
         or ("not found" in lowered and "bucket" in lowered)
+        # gcsfs: a 404 on the bucket's object listing (`b/<bucket>/o`), where S3 says NoSuchBucket
+        or (isinstance(error, FileNotFoundError) and str(error).endswith(f"b/{bucket}/o"))
     ):
         return DataFileNotFoundError(
             f"cannot {doing} {url!r}: the bucket {bucket!r} does not exist ({text})"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from resumax.errors import DataSourceError
-from resumax.sources.files.file_schedule import FileSchedule
+from resumax.sources.files.file_schedule import NEVER, FileSchedule
 from resumax.sources.files.shard_cache import NoRoom, ShardCache
 
 # Seconds a download thread sleeps when there is nothing to fetch, before it looks again.
@@ -81,11 +81,16 @@ class ReadAhead:
             self._changed.notify_all()
 
     def _wanted(self) -> list[int]:
-        """Shards to hold from the current position: soonest used first, as many as fit."""
+        """Shards to hold from the current position: soonest used first, as many as fit (never
+        one the run does not read again). The shards pinned for spans still being read take
+        their room first: counting the limit for the wanted shards alone, downloads would evict
+        each other's shards (fetched out of order by concurrent threads) and fetch them again."""
         next_use = self.schedule.next_use(self._position)
         by_use = np.argsort(next_use, kind="stable")
-        fits = np.cumsum(self._sizes[by_use]) <= self.cache.settings.limit
-        return by_use[fits].tolist()
+        pinned = self.cache.pinned()
+        order = [*pinned, *(f for f in by_use.tolist() if next_use[f] < NEVER and f not in pinned)]
+        fits = np.cumsum(self._sizes[order]) <= self.cache.settings.limit
+        return [file_id for file_id, fit in zip(order, fits.tolist(), strict=True) if fit]
 
     def _run(self) -> None:
         """One download thread: fetch the first wanted shard that is neither cached nor being

@@ -12,6 +12,9 @@ import numpy as np
 from resumax.sources.base import ArrayRecordSourceConfig
 from resumax.sources.window_order import WindowOrder
 
+# The next use of a file the run never reads again (past its last epoch).
+NEVER = np.iinfo(np.int64).max
+
 
 class FileSchedule:
     """Which files are needed when, under one source's order.
@@ -26,6 +29,8 @@ class FileSchedule:
         self.counts = np.asarray(counts, dtype=np.int64)
         self.num_records = int(self.counts.sum())
         self.config = config
+        # The position the run ends at (num_epochs), None when it never ends.
+        self.end = None if config.num_epochs == -1 else config.num_epochs * self.num_records
         self.window = config.shuffle_window if config.shuffle_files else None
         self._window_order = (
             WindowOrder(self.counts, config.seed, self.window) if self.window is not None else None
@@ -58,13 +63,14 @@ class FileSchedule:
 
     def next_use(self, position: int) -> np.ndarray:
         """For every file, the first global position >= `position` at which it is needed (files
-        needed at `position` itself get `position`)."""
+        needed at `position` itself get `position`; NEVER for none before the run's end)."""
         epoch, index = divmod(position, self.num_records)
         first, end = self.ranges(epoch)
         this_epoch = np.where(end > index, np.maximum(first, index) + epoch * self.num_records, -1)
         later_first, _ = self.ranges(epoch + 1)
         next_epoch = later_first + (epoch + 1) * self.num_records
-        return np.where(this_epoch >= 0, this_epoch, next_epoch)
+        found = np.where(this_epoch >= 0, this_epoch, next_epoch)
+        return found if self.end is None else np.where(found < self.end, found, NEVER)
 
     def files_between(self, start: int, stop: int) -> np.ndarray:
         """File ids needed anywhere in global positions [start, stop), by first use."""

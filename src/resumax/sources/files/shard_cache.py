@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import itertools
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,12 +77,25 @@ def shard_path(directory: str, key: str) -> str:
     return os.path.join(directory, "shards", key + _SHARD_SUFFIX)
 
 
-def _size_of(name: str) -> int:
-    """The byte size a cache file's name records (`<hash>-<size>...`)."""
-    return int(name.split(".", 1)[0].rsplit("-", 1)[1])
+_SHARD_NAME = re.compile(r"^[^.]+-(\d+)\.array_record$")
+_PARTIAL_NAME = re.compile(r"^[^.]+-(\d+)\.(\d+)\.\d+\.partial$")
+
+
+def _size_of(directory: str, name: str) -> int:
+    """The bytes of a file in shards/: the size its name records (`<hash>-<size>...`), or
+    what a file under another name (never a shard of any set) holds."""
+    match = _SHARD_NAME.match(name)
+    if match:
+        return int(match.group(1))
+    try:
+        return os.path.getsize(os.path.join(directory, name))
+    except OSError:
+        return 0
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -174,7 +188,8 @@ class ShardCache:
             self._get_with_retries(url, partial, deadline)
             self._check(file_id, partial)
             os.replace(partial, self.path(file_id))
-            self.downloaded_bytes += size
+            with self._lock:  # several download threads finish at once
+                self.downloaded_bytes += size
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(partial)
@@ -270,14 +285,15 @@ class ShardCache:
         used = 0
         shards = os.listdir(self._dirs["shards"])
         for name in shards:
-            used += _size_of(name)
+            used += _size_of(self._dirs["shards"], name)
         for name in os.listdir(self._dirs["tmp"]):
-            pid = int(name.split(".")[1]) if name.count(".") >= 3 else -1
+            match = _PARTIAL_NAME.match(name)  # anything else is no download in progress
+            pid = int(match.group(2)) if match else -1
             if pid != os.getpid() and not _alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self._dirs["tmp"], name))
             else:
-                used += _size_of(name)
+                used += int(match.group(1))
         return used, shards
 
     def _victims(self, names: list[str], evict_after: int | None) -> list[str]:
@@ -308,10 +324,11 @@ class ShardCache:
         except BlockingIOError:
             return 0
         try:
+            size = _size_of(self._dirs["shards"], name)
             os.remove(path)
         finally:
             os.close(fd)
-        return _size_of(name)
+        return size
 
     # Pins -------------------------------------------------------------------------------------
 
@@ -332,6 +349,11 @@ class ShardCache:
                 return False
             self._pins[file_id] = (fd, 1)
             return True
+
+    def pinned(self) -> set[int]:
+        """The file ids this cache object pins."""
+        with self._lock:
+            return set(self._pins)
 
     def unpin(self, file_ids: Sequence[int]) -> None:
         """Releases one pin of each shard (taken by `fetch(..., pin=True)`)."""
