@@ -79,6 +79,11 @@ def _profile(args: argparse.Namespace) -> int:
     from resumax.profile import profile_pipeline
 
     if args.config:
+        if args.storage_options is not None:
+            raise ConfigError(
+                "with --config, give storage options as overrides of the config, e.g. "
+                "data.storage_options.endpoint_url=http://...; --storage-options is for paths"
+            )
         from resumax.train import distributed
         from resumax.train.config import load_config
         from resumax.train.loop import make_task, prepare_task_data

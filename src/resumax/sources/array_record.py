@@ -274,8 +274,10 @@ def _urls(paths: Any) -> list[str]:
 
 
 def _check_cache_limit(schedule: FileSchedule, sizes: Sequence[int], limit: int) -> None:
-    """ConfigError when the read order needs more bytes on disk at once than `limit`."""
-    needed = schedule.bytes_at_once(sizes)
+    """ConfigError when the read order needs more bytes on disk at once than `limit`, counting
+    one window (or one shard's records) read ahead, the least a pipeline reads ahead."""
+    ahead = schedule.window or int(max(schedule.counts))
+    needed = schedule.bytes_at_once(sizes, ahead)
     if needed <= limit:
         return
     if schedule.global_shuffle:
@@ -285,8 +287,12 @@ def _check_cache_limit(schedule: FileSchedule, sizes: Sequence[int], limit: int)
         )
     else:
         why = f"the read order needs up to {needed} bytes of shards on disk at once"
+    window = (
+        "a smaller shuffle_window"
+        if schedule.window is not None
+        else "a shuffle_window (ArrayRecordSourceConfig(shuffle_window=...))"
+    )
     raise ConfigError(
-        f"cache_limit={limit} bytes is too small: {why}. Either read with a shuffle_window "
-        "(ArrayRecordSourceConfig(shuffle_window=...), which needs only the shards of a few "
-        f"windows), or raise cache_limit to at least {needed} bytes"
+        f"cache_limit={limit} bytes is too small: {why}. Either read with {window}, which "
+        f"needs only the shards of a few windows, or raise cache_limit to at least {needed} bytes"
     )

@@ -270,6 +270,12 @@ def _validate_data(data: DataConfig) -> None:
         )
     if data.shuffle_window is not None:
         _require(data.shuffle_window > 0, "data.shuffle_window", "null or > 0", data.shuffle_window)
+        _require(
+            data.shuffle_files,
+            "data.shuffle_files",
+            "true with data.shuffle_window set (the window shuffles records)",
+            data.shuffle_files,
+        )
     if data.cache_limit is not None:
         parse_bytes(data.cache_limit, "data.cache_limit")
     if data.fetch_threads is not None:

@@ -20,6 +20,7 @@ _DATA_KEYS = {
     ("rng_seed",): "data.seed",
     ("source", "seed"): "data.seed",
     ("source", "shuffle"): "data.shuffle_files",
+    ("source", "shuffle_window"): "data.shuffle_window",
     ("source", "num_records"): "data.train_paths",
     ("source", "fingerprint"): "data.train_paths",
 }

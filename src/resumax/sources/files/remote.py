@@ -61,7 +61,7 @@ def cache_settings(
         cache_dir = os.environ.get("RESUMAX_CACHE_DIR") or os.path.join(
             os.path.expanduser("~"), ".cache", "resumax"
         )
-    directory = os.path.abspath(os.fsdecode(cache_dir))
+    directory = os.path.abspath(os.path.expanduser(os.fsdecode(cache_dir)))
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
