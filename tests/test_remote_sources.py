@@ -128,6 +128,7 @@ class CacheSampler:
     def __init__(self, cache_dir):
         self.cache_dir = str(cache_dir)
         self.peak, self.samples = 0, 0
+        self.at_peak: dict[str, list[str]] = {}  # the files when the peak was sampled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -143,6 +144,9 @@ class CacheSampler:
                         total += entry.stat().st_size
         return total
 
+    def listing(self) -> dict[str, list[str]]:
+        return {name: cache_files(self.cache_dir, name) for name in ("shards", "tmp")}
+
     def _run(self) -> None:
         os.makedirs(self.cache_dir, exist_ok=True)
         fd = os.open(os.path.join(self.cache_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -150,7 +154,9 @@ class CacheSampler:
             while not self._stop.is_set():
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
-                    self.peak = max(self.peak, self.total())
+                    total = self.total()
+                    if total > self.peak:
+                        self.peak, self.at_peak = total, self.listing()
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 self.samples += 1
@@ -330,7 +336,7 @@ def test_batches_equal_the_local_copy_within_the_cache_limit(
     with CacheSampler(tmp_path / "cache") as sampler:
         batches = read_all(source, num_workers)
     assert_batches_equal(batches, local_batches(local_set, cfg))
-    assert 0 < sampler.peak <= parse_bytes(limit), sampler.peak
+    assert 0 < sampler.peak <= parse_bytes(limit), sampler.at_peak
     assert sampler.samples > 10
     gets = server_log.shard_gets()
     if order == "global":  # the set fits: each shard once, nothing in epoch 2
@@ -351,7 +357,7 @@ def test_gcs_batches_equal_the_local_copy(gcs_set, local_set, tmp_path, order, n
     with CacheSampler(tmp_path / "cache") as sampler:
         batches = read_all(source, num_workers)
     assert_batches_equal(batches, local_batches(local_set, cfg))
-    assert 0 < sampler.peak <= parse_bytes(limit)
+    assert 0 < sampler.peak <= parse_bytes(limit), sampler.at_peak
     if order == "global":
         assert source._cache.downloaded_bytes == SET_BYTES
         again = remote(gcs_set, cfg, tmp_path / "cache", cache_limit=limit)
@@ -362,16 +368,16 @@ def test_gcs_batches_equal_the_local_copy(gcs_set, local_set, tmp_path, order, n
 # --- Exact resume ----------------------------------------------------------------------------
 
 
-def test_resume_from_the_bucket_is_exact(s3_set, tmp_path):
+def test_resume_from_the_bucket_is_exact(s3_set, local_set, tmp_path):
     cfg = config("window")
     limit = ORDERS["window"][1]
 
     def source(name):
         return remote(s3_set, cfg, tmp_path / name, cache_limit=limit)
 
-    full = read_all(source("full"))
+    full = local_batches(local_set, cfg)
     first, state = batches_and_state(Pipeline(source("a"), batch_size=BATCH), 70)
-    pipeline = Pipeline(source("b"), batch_size=BATCH, num_workers=2)
+    pipeline = Pipeline(source("b"), batch_size=BATCH)
     pipeline.set_state(state)
     assert_batches_equal(first + list(pipeline), full)
 
@@ -418,7 +424,7 @@ def test_a_set_that_fits_downloads_nothing_from_epoch_two(s3_set, local_set, tmp
     assert source._cache.downloaded_bytes == SET_BYTES
     # A later run over the same cache directory downloads nothing either.
     again = remote(s3_set, cfg, tmp_path / "cache", cache_limit=SET_BYTES)
-    assert_batches_equal(read_all(again, num_workers=2), local_batches(local_set, cfg))
+    assert_batches_equal(read_all(again), local_batches(local_set, cfg))
     assert again._cache.downloaded_bytes == 0
     assert sum(server_log.shard_gets().values()) == NUM_SHARDS
 
@@ -430,12 +436,12 @@ def test_a_set_larger_than_the_limit_downloads_at_most_once_per_epoch(
     limit = 5 * SHARD_BYTES
     source = remote(s3_set, cfg, tmp_path / "cache", cache_limit=limit, fetch_threads=4)
     with CacheSampler(tmp_path / "cache") as sampler:
-        batches = read_all(source, num_workers=2)
+        batches = read_all(source)
     assert_batches_equal(batches, local_batches(local_set, cfg))
     gets = server_log.shard_gets()
     assert max(gets.values()) <= 3 and sum(gets.values()) <= 3 * NUM_SHARDS, gets
     assert sum(gets.values()) > 2 * NUM_SHARDS  # it did have to download again
-    assert sampler.peak <= limit
+    assert sampler.peak <= limit, sampler.at_peak
 
 
 # --- Startup ---------------------------------------------------------------------------------
@@ -547,7 +553,7 @@ def test_a_server_lost_mid_epoch_raises_naming_the_url_within_fetch_timeout(
         lost = BucketServer("s3", proxy.url, options, s3_server._create)
         bucket = lost.make_bucket()
         pattern = _write_set(lost, bucket)
-        timeout = 2.0
+        timeout = 1.0
         source = remote(
             (lost, pattern),
             config("window"),
@@ -653,6 +659,23 @@ def test_a_missing_bucket_is_one_error_naming_it(request, kind, tmp_path):
             )
 
 
+def test_a_missing_object_is_no_refusal_when_its_names_hold_a_status_code(s3_server, tmp_path):
+    """Names such as `test-403...` or `x-401` are no HTTP status: the error says the object is
+    missing, not that credentials were refused."""
+    bucket = s3_server.make_bucket(f"test-403-{os.urandom(4).hex()}")
+    try:
+        with pytest.raises(DataFileNotFoundError, match="no such object") as caught:
+            ArrayRecordSourceModule(
+                config("global"),
+                f"{bucket}/x-401.array_record",
+                storage_options=s3_server.storage_options,
+                cache_dir=str(tmp_path / "cache"),
+            )
+        assert "refused" not in str(caught.value)
+    finally:
+        s3_server.remove_bucket(bucket)
+
+
 # --- Sharing one cache directory -------------------------------------------------------------
 
 
@@ -705,7 +728,7 @@ def test_two_datasets_share_a_cache_dir(
     # The other set took the room of 4 of the first set's shards: only those come back.
     assert sum(refetched.values()) == 4 and set(refetched) < {shard_name(n) for n in range(16)}
     assert again._cache.downloaded_bytes == 4 * SHARD_BYTES
-    assert sampler.peak <= limit
+    assert sampler.peak <= limit, sampler.at_peak
     assert_cache_trustworthy(tmp_path / "cache")
 
 
@@ -749,13 +772,15 @@ import hashlib, json, sys
 from resumax.pipeline import Pipeline
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
-pattern, options, cache_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+pattern, options, cache_dir, wait = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 config = ArrayRecordSourceConfig(seed=5, num_epochs=2, shuffle_files=True)
 source = ArrayRecordSourceModule(
     config, pattern, storage_options=options, cache_dir=cache_dir, cache_limit="4MB",
     fetch_threads=2, fetch_timeout=60,
 )
 print("ready", flush=True)
+if wait == "wait":
+    sys.stdin.readline()
 digest = hashlib.sha256()
 for batch in Pipeline(source, batch_size=8, prefetch=0):
     digest.update(batch["id"].tobytes())
@@ -763,9 +788,14 @@ print(json.dumps({"digest": digest.hexdigest(), "downloaded": source._cache.down
 """
 
 
-def _reader(pattern: str, options: dict, cache_dir) -> subprocess.Popen:
+def _reader(pattern: str, options: dict, cache_dir, wait: bool = False) -> subprocess.Popen:
+    """A process reading the set (global shuffle, 2 epochs) through `cache_dir`: it prints
+    "ready" once built, then (with `wait`) reads once a line comes on its stdin, and prints
+    the digest of its batches' ids and the bytes it downloaded."""
+    arguments = [pattern, json.dumps(options), str(cache_dir), "wait" if wait else "go"]
     return subprocess.Popen(
-        [sys.executable, "-c", _READER, pattern, json.dumps(options), str(cache_dir)],
+        [sys.executable, "-c", _READER, *arguments],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -798,16 +828,24 @@ def _wait_for_partial(cache_dir, process: subprocess.Popen, seconds: float = 30)
 def test_two_processes_sharing_a_cache_dir_download_each_shard_once(
     s3_set, local_set, tmp_path, server_log
 ):
+    """A subprocess and this process read the set at once through one cache directory."""
     server, pattern = s3_set
-    processes = [_reader(pattern, server.storage_options, tmp_path / "cache") for _ in range(2)]
-    outputs = []
-    for process in processes:
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err
-        outputs.append(json.loads(out.splitlines()[-1]))
-    expected = _digest(local_batches(local_set, config("global")))
-    assert [output["digest"] for output in outputs] == [expected, expected]
-    assert sum(output["downloaded"] for output in outputs) == SET_BYTES
+    process = _reader(pattern, server.storage_options, tmp_path / "cache", wait=True)
+    try:
+        assert process.stdout.readline().strip() == "ready", process.communicate()
+        source = remote(s3_set, config("global"), tmp_path / "cache", cache_limit="4MB")
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        batches = read_all(source)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    output = json.loads(out.splitlines()[-1])
+    expected = local_batches(local_set, config("global"))
+    assert_batches_equal(batches, expected)
+    assert output["digest"] == _digest(expected)
+    assert output["downloaded"] + source._cache.downloaded_bytes == SET_BYTES
     assert server_log.shard_gets() == {shard_name(n): 1 for n in range(NUM_SHARDS)}
 
 

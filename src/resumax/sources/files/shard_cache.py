@@ -15,6 +15,7 @@ pinned shards; among the rest it removes the one whose next use is farthest (`ne
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -85,24 +86,31 @@ def _size_of(directory: str, name: str) -> int:
     """The bytes of a file in shards/: the size its name records (`<hash>-<size>...`), or
     what a file under another name (never a shard of any set) holds."""
     match = _SHARD_NAME.match(name)
-    if match:
-        return int(match.group(1))
-    try:
-        return os.path.getsize(os.path.join(directory, name))
-    except OSError:
-        return 0
+    with contextlib.suppress(OSError):
+        return int(match.group(1)) if match else os.path.getsize(os.path.join(directory, name))
+    return 0
+
+
+# This process's downloads in progress: (pid, partial path). At exit (Ctrl-C included) the ones
+# still going, in daemon threads that never reach their cleanup, are removed.
+_PARTIALS: set[tuple[int, str]] = set()
+
+
+@atexit.register
+def _remove_partials() -> None:
+    for pid, partial in list(_PARTIALS):
+        if pid == os.getpid():  # never a parent's, in a forked child
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
     try:
-        os.kill(pid, 0)
+        return pid > 0 and os.kill(pid, 0) is None  # never kill(-1 or 0): whole groups
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
 
 
 @contextlib.contextmanager
@@ -183,14 +191,16 @@ class ShardCache:
         url, size = self.shards.urls[file_id], self.shards.sizes[file_id]
         name = f"{self.shards.key(file_id)}.{os.getpid()}.{next(self._counter)}{_PARTIAL_SUFFIX}"
         partial = os.path.join(self._dirs["tmp"], name)
-        self._reserve(partial, size, deadline, url, evict_after)
+        _PARTIALS.add((os.getpid(), partial))
         try:
+            self._reserve(partial, size, deadline, url, evict_after)
             self._get_with_retries(url, partial, deadline)
             self._check(file_id, partial)
             os.replace(partial, self.path(file_id))
             with self._lock:  # several download threads finish at once
                 self.downloaded_bytes += size
         finally:
+            _PARTIALS.discard((os.getpid(), partial))
             with contextlib.suppress(FileNotFoundError):
                 os.remove(partial)
 
@@ -282,11 +292,12 @@ class ShardCache:
     def _usage(self) -> tuple[int, list[str]]:
         """Bytes held (complete shards and reserved downloads) and the complete shards' names;
         partial files of processes that no longer run are removed."""
-        used = 0
+        # tmp/ first: a download renamed into shards/ meanwhile (renames take no lock) is then
+        # counted twice, never missed (which let one shard more in than the limit allows).
+        partials = os.listdir(self._dirs["tmp"])
         shards = os.listdir(self._dirs["shards"])
-        for name in shards:
-            used += _size_of(self._dirs["shards"], name)
-        for name in os.listdir(self._dirs["tmp"]):
+        used = sum(_size_of(self._dirs["shards"], name) for name in shards)
+        for name in partials:
             match = _PARTIAL_NAME.match(name)  # anything else is no download in progress
             pid = int(match.group(2)) if match else -1
             if pid != os.getpid() and not _alive(pid):
