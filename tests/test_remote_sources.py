@@ -444,6 +444,30 @@ def test_a_set_larger_than_the_limit_downloads_at_most_once_per_epoch(
     assert sampler.peak <= limit, sampler.at_peak
 
 
+def _evicted_but_open() -> list[str]:
+    """Shards this process holds open although they were removed from the cache."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.endswith(".array_record (deleted)"):
+                found.append(target)
+    return found
+
+
+def test_evicted_shards_are_not_held_open(s3_set, tmp_path):
+    limit = ORDERS["window"][1]
+    source = remote(s3_set, config("window", num_epochs=3), tmp_path / "cache", cache_limit=limit)
+    iterator = iter(Pipeline(source, batch_size=BATCH))
+    try:
+        take(iterator, 150)
+        held = _evicted_but_open()
+    finally:
+        iterator.close()
+    cached = len(cache_files(tmp_path / "cache", "shards"))
+    assert (cached + len(held)) * SHARD_BYTES <= limit, held
+
+
 # --- Startup ---------------------------------------------------------------------------------
 
 

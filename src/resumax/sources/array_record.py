@@ -105,6 +105,8 @@ class ArrayRecordSourceModule(RecordSource):
             index=paths.index,
             local_path=self._cache.fetch if self._cache is not None else None,
         )
+        if self._cache is not None:
+            self._cache.on_evict = self._files.pool.forget
         total = sum(paths.counts)
         if total == 0:
             raise DataSourceError(f"the data files {self.paths} hold no records")
@@ -135,7 +137,11 @@ class ArrayRecordSourceModule(RecordSource):
         )
 
     def _file_ids_of(self, start: int, stop: int) -> np.ndarray:
-        """The files the records at global positions [start, stop) lie in."""
+        """The files the records at global positions [start, stop) lie in: from the files'
+        ranges of positions (no record order computed), or, under the global shuffle (where
+        every file ranges over the whole epoch), from the records' own indices."""
+        if not self._schedule.global_shuffle:
+            return self._schedule.files_between(start, stop)
         per_epoch = self.records_per_epoch
         indices = []
         while start < stop:

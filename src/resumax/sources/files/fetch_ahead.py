@@ -23,7 +23,12 @@ _IDLE = 0.5
 
 
 class ReadAhead:
-    """Downloads ahead of a moving position with `threads` daemon threads, and pins spans."""
+    """Downloads ahead of a moving position with `threads` daemon threads, and pins spans.
+
+    The threads share one plan: the wanted shards not yet on disk, soonest used first. It is
+    made again (by one thread, outside the caller's way) once the position has moved by about
+    a shard's records; the caller only records its position.
+    """
 
     def __init__(
         self,
@@ -37,8 +42,12 @@ class ReadAhead:
         self.cache, self.schedule = cache, schedule
         self._file_ids_of, self._delivered = file_ids_of, delivered
         self._sizes = np.asarray(cache.shards.sizes, dtype=np.int64)
+        self._replan_every = max(1, schedule.num_records // max(1, len(self._sizes)))
         self._position = 0
+        self._planned_at: int | None = None
+        self._plan: deque[tuple[int, int]] = deque()  # (file id, next use)
         self._in_progress: set[int] = set()
+        self._idle = 0
         self._changed = threading.Condition()
         self._stopped = False
         self.error: BaseException | None = None
@@ -52,11 +61,14 @@ class ReadAhead:
         """`spans`, each yielded once its shards are on disk and pinned; pins are released once
         the caller has received the positions they cover, and all of them at the end."""
         pinned: deque[tuple[int, list[int]]] = deque()
-        for thread in self._threads:
-            thread.start()
+        started = False
         try:
             for start, stop in spans:
                 self._advance(start)
+                if not started:
+                    for thread in self._threads:
+                        thread.start()
+                    started = True
                 file_ids = self._file_ids_of(start, stop).tolist()
                 for file_id in file_ids:
                     self.cache.fetch(file_id, pin=True)
@@ -71,61 +83,79 @@ class ReadAhead:
                 self.cache.unpin(pinned.popleft()[1])
 
     def _advance(self, position: int) -> None:
-        with self._changed:
-            self._position = position
-            self._changed.notify_all()
+        """Records the position; wakes an idle thread only once a new plan is due."""
+        self._position = position
+        due = self._planned_at is None or position - self._planned_at >= self._replan_every
+        if due and self._idle:
+            with self._changed:
+                self._changed.notify()
 
     def stop(self) -> None:
         with self._changed:
             self._stopped = True
             self._changed.notify_all()
 
-    def _wanted(self) -> list[int]:
-        """Shards to hold from the current position: soonest used first, as many as fit (never
-        one the run does not read again). The shards pinned for spans still being read take
-        their room first: counting the limit for the wanted shards alone, downloads would evict
-        each other's shards (fetched out of order by concurrent threads) and fetch them again."""
-        next_use = self.schedule.next_use(self._position)
+    def _make_plan(self, position: int) -> None:
+        """The shards to hold from `position`, soonest used first, as many as fit in the limit
+        (never one the run does not read again), less those on disk or being fetched. The shards
+        pinned for spans still being read take their room first: counting the limit for the
+        wanted shards alone, downloads would evict each other's shards (fetched out of order by
+        concurrent threads) and fetch them again."""
+        next_use = self.schedule.next_use(position)
         by_use = np.argsort(next_use, kind="stable")
+        by_use = by_use[next_use[by_use] < NEVER]
         pinned = self.cache.pinned()
-        order = [*pinned, *(f for f in by_use.tolist() if next_use[f] < NEVER and f not in pinned)]
-        fits = np.cumsum(self._sizes[order]) <= self.cache.settings.limit
-        return [file_id for file_id, fit in zip(order, fits.tolist(), strict=True) if fit]
+        pinned_bytes = int(self._sizes[list(pinned)].sum()) if pinned else 0
+        if pinned:
+            by_use = by_use[~np.isin(by_use, list(pinned))]
+        fits = np.cumsum(self._sizes[by_use]) <= self.cache.settings.limit - pinned_bytes
+        present, busy = self.cache.present, self._in_progress
+        self._plan = deque(
+            (file_id, int(next_use[file_id]))
+            for file_id in by_use[fits].tolist()
+            if file_id not in present and file_id not in busy
+        )
+        self._planned_at = position
+
+    def _next_task(self) -> tuple[int, int] | None:
+        """The next shard to fetch (with its next use), planning again when due; None when
+        stopped. Call with `_changed` held."""
+        while not self._stopped:
+            position = self._position
+            if self._planned_at is None or position - self._planned_at >= self._replan_every:
+                self._make_plan(position)
+                if len(self._plan) > 1:
+                    self._changed.notify(len(self._plan) - 1)  # idle threads share the work
+            while self._plan:
+                file_id, next_use = self._plan.popleft()
+                if file_id not in self.cache.present and file_id not in self._in_progress:
+                    self._in_progress.add(file_id)
+                    return file_id, next_use
+            self._idle += 1
+            self._changed.wait(_IDLE)
+            self._idle -= 1
+            self._planned_at = None if self._position != position else self._planned_at
+        return None
 
     def _run(self) -> None:
-        """One download thread: fetch the first wanted shard that is neither cached nor being
-        fetched; when none is left or there is no room, wait for the position to move."""
+        """One download thread: fetch the plan's shards in order; when the plan is done or
+        there is no room, wait for the position to move."""
         while True:
             with self._changed:
-                if self._stopped:
-                    return
-                position = self._position
-                next_use = self.schedule.next_use(position)
-                file_id = next(
-                    (
-                        f
-                        for f in self._wanted()
-                        if f not in self._in_progress and not self.cache.cached(f)
-                    ),
-                    None,
-                )
-                if file_id is None:
-                    self._changed.wait(_IDLE)
-                    continue
-                self._in_progress.add(file_id)
+                task = self._next_task()
+            if task is None:
+                return
+            file_id, next_use = task
             try:
-                self.cache.fetch(file_id, evict_after=int(next_use[file_id]))
+                self.cache.fetch(file_id, evict_after=next_use)
             except NoRoom:
                 with self._changed:
-                    if self._position == position and not self._stopped:
-                        self._changed.wait(_IDLE)
-            except DataSourceError as error:
-                # The read that needs this shard fetches it again and raises in its own thread;
-                # until the position moves, this thread does not try again.
+                    self._plan.clear()  # nothing later fits either, until the position moves
+            except (DataSourceError, OSError) as error:
+                # The read that needs this shard fetches it again and raises in its own thread.
                 self.error = error
                 with self._changed:
-                    if self._position == position and not self._stopped:
-                        self._changed.wait(_IDLE)
+                    self._plan.clear()
             finally:
                 with self._changed:
                     self._in_progress.discard(file_id)

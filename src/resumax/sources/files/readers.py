@@ -188,12 +188,28 @@ class ReaderPool:
         # For remote files: file id -> the local copy, fetched first if need be (`paths` then
         # are URLs, for messages, and the copies are checked by the cache, not by identity).
         self.local_path = local_path
+        # Files whose local copies were evicted: their readers are closed at the next read,
+        # so that a deleted copy's disk space is freed.
+        self.evicted: set[int] = set()
         self.lock = threading.Lock()
         # file id -> open reader, least recently used first.
         self.open_readers: OrderedDict[int, Any] = OrderedDict()
 
+    def forget(self, file_id: int) -> None:
+        """Marks a file's local copy as evicted (any thread; no lock taken)."""
+        self.evicted.add(file_id)
+
+    def close_evicted(self) -> None:
+        """Closes the readers of evicted local copies; call with `lock` held."""
+        while self.evicted:
+            reader = self.open_readers.pop(self.evicted.pop(), None)
+            if reader is not None:
+                reader.close()
+
     def get(self, file_id: int) -> Any:
         """The reader of file `file_id`; call with `lock` held."""
+        if self.evicted:
+            self.close_evicted()
         reader = self.open_readers.get(file_id)
         if reader is not None:
             self.open_readers.move_to_end(file_id)
@@ -299,6 +315,8 @@ class ArrayRecordFiles:
         no grouping and no LRU bookkeeping."""
         pool = self.pool
         with pool.lock:
+            if pool.evicted:
+                pool.close_evicted()
             readers = pool.open_readers
             open_many(pool, sorted(set(file_ids).difference(readers)))
             return [

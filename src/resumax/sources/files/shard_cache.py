@@ -144,15 +144,23 @@ class ShardCache:
         self._pins: dict[int, tuple[int, int]] = {}  # file id -> (fd, count)
         self._lock = threading.Lock()
         self._counter = itertools.count()
-        # Farthest next use first: set by the owner (from the read order); None: oldest first.
+        # This process's downloads in progress, by file id: set once each ends, however.
+        self._downloading: dict[int, threading.Event] = {}
+        # File ids known to be on disk (downloaded, found or pinned by this object); another
+        # process may have evicted one since: `fetch` checks the disk itself.
+        self.present: set[int] = set()
+        # Farthest next use first: set by the owner (from the read order); None: listing order.
         self.next_use: Callable[[], np.ndarray] | None = None
+        # Called with each file id this object evicts (e.g. to close a reader of it).
+        self.on_evict: Callable[[int], None] | None = None
         self.downloaded_bytes = 0
 
     def path(self, file_id: int) -> str:
         return shard_path(self.settings.directory, self.shards.key(file_id))
 
     def cached(self, file_id: int) -> bool:
-        return os.path.exists(self.path(file_id))
+        """Whether the shard is known to be on disk (no system call)."""
+        return file_id in self.present
 
     # Fetching ---------------------------------------------------------------------------------
 
@@ -164,16 +172,33 @@ class ShardCache:
         With `evict_after` (a download ahead of need, at that next use), only shards used later
         (or of other sets) are evicted, and NoRoom is raised at once when that frees too little.
         """
+        path = self.path(file_id)
+        if pin and self._pin_again(file_id):
+            return path
         deadline = time.monotonic() + self.settings.fetch_timeout
         while True:
-            path = self.path(file_id)
-            if not os.path.exists(path):
-                self._download_once(file_id, deadline, evict_after)
-            if not pin or self._pin(file_id):
-                return path
-            # Evicted by another process between the download and the pin: fetch again.
+            if os.path.exists(path):
+                self.present.add(file_id)
+                if not pin or self._pin(file_id):
+                    return path
+                continue  # evicted by another process before the pin: fetch again
+            if time.monotonic() > deadline:
+                raise DataSourceError(
+                    f"cannot fetch {self.shards.urls[file_id]!r} within fetch_timeout="
+                    f"{self.settings.fetch_timeout} s"
+                )
+            self._download_once(file_id, deadline, evict_after)
 
     def _download_once(self, file_id: int, deadline: float, evict_after: int | None) -> None:
+        """Downloads the shard unless a thread of this process (waited for on an event) or
+        another process (waited for on its lock file) is downloading it already."""
+        with self._lock:
+            running = self._downloading.get(file_id)
+            if running is None:
+                self._downloading[file_id] = threading.Event()
+        if running is not None:
+            running.wait(max(deadline - time.monotonic(), 0.0))
+            return  # the caller checks the disk again
         key = self.shards.key(file_id)
         lock = os.path.join(self._dirs["locks"], key + ".lock")
         try:
@@ -185,6 +210,9 @@ class ShardCache:
                 f"cannot fetch {self.shards.urls[file_id]!r}: another process has been "
                 f"downloading it for over {self.settings.fetch_timeout} s"
             ) from None
+        finally:
+            with self._lock:
+                self._downloading.pop(file_id).set()
 
     def _download(self, file_id: int, deadline: float, evict_after: int | None) -> None:
         """Downloads one shard into a reserved partial file, checks it and renames it."""
@@ -312,16 +340,18 @@ class ShardCache:
         set's by farthest next use (only those used after `evict_after`, if given)."""
         next_use = self.next_use() if self.next_use is not None else None
 
-        def rank(name: str) -> float:
-            file_id = self._by_key.get(name[: -len(_SHARD_SUFFIX)])
+        suffix = len(_SHARD_SUFFIX)
+        ranks = {}
+        for name in names:
+            file_id = self._by_key.get(name[:-suffix])
             if file_id is None:
-                return float("inf")
-            return float(next_use[file_id]) if next_use is not None else 0.0
-
-        ranked = sorted(names, key=rank, reverse=True)
+                ranks[name] = float("inf")
+            else:
+                ranks[name] = float(next_use[file_id]) if next_use is not None else 0.0
+        ranked = sorted(names, key=ranks.__getitem__, reverse=True)
         if evict_after is None:
             return ranked
-        return [name for name in ranked if rank(name) > evict_after]
+        return [name for name in ranked if ranks[name] > evict_after]
 
     def _evict(self, name: str) -> int:
         """Removes a cached shard unless a process pins it; the bytes freed (0 if pinned)."""
@@ -332,16 +362,29 @@ class ShardCache:
             return 0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 0
-        try:
             size = _size_of(self._dirs["shards"], name)
             os.remove(path)
+        except BlockingIOError:
+            return 0  # pinned
         finally:
             os.close(fd)
+        file_id = self._by_key.get(name[: -len(_SHARD_SUFFIX)])
+        if file_id is not None:
+            self.present.discard(file_id)
+            if self.on_evict is not None:
+                self.on_evict(file_id)
         return size
 
     # Pins -------------------------------------------------------------------------------------
+
+    def _pin_again(self, file_id: int) -> bool:
+        """One more pin of a shard this object pins already (no system call); else False."""
+        with self._lock:
+            held = self._pins.get(file_id)
+            if held is None:
+                return False
+            self._pins[file_id] = (held[0], held[1] + 1)
+            return True
 
     def _pin(self, file_id: int) -> bool:
         """Holds a shared lock on the cached shard (eviction skips it); False if it is gone."""
