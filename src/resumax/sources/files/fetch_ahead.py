@@ -42,7 +42,11 @@ class ReadAhead:
         self.cache, self.schedule = cache, schedule
         self._file_ids_of, self._delivered = file_ids_of, delivered
         self._sizes = np.asarray(cache.shards.sizes, dtype=np.int64)
-        self._replan_every = max(1, schedule.num_records // max(1, len(self._sizes)))
+        # Positions between plans: a shard's records, doubled after each plan that found
+        # nothing to fetch (a cache holding all it wants), up to a sixteenth of an epoch.
+        self._shard_records = max(1, schedule.num_records // max(1, len(self._sizes)))
+        self._replan_every = self._shard_records
+        self._max_replan = max(self._shard_records, schedule.num_records // 16)
         self._position = 0
         self._planned_at: int | None = None
         self._plan: deque[tuple[int, int]] = deque()  # (file id, next use)
@@ -60,7 +64,11 @@ class ReadAhead:
     def spans(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
         """`spans`, each yielded once its shards are on disk and pinned; pins are released once
         the caller has received the positions they cover, and all of them at the end."""
-        pinned: deque[tuple[int, list[int]]] = deque()
+        # Pinned shards -> the position after which they are no longer needed: a shard stays
+        # pinned over all the spans that read it. Under the global shuffle every shard is read
+        # all the time (and the whole set fits): each stays pinned from its first read on.
+        held: dict[int, int] = {}
+        keep = NEVER if self.schedule.global_shuffle else None
         started = False
         try:
             for start, stop in spans:
@@ -69,18 +77,20 @@ class ReadAhead:
                     for thread in self._threads:
                         thread.start()
                     started = True
-                file_ids = self._file_ids_of(start, stop).tolist()
-                for file_id in file_ids:
-                    self.cache.fetch(file_id, pin=True)
-                pinned.append((stop, file_ids))
+                for file_id in self._file_ids_of(start, stop).tolist():
+                    if file_id not in held:
+                        self.cache.fetch(file_id, pin=True)
+                    held[file_id] = keep or stop
                 delivered = self._delivered()
-                while pinned and pinned[0][0] <= delivered:
-                    self.cache.unpin(pinned.popleft()[1])
+                done = [file_id for file_id, until in held.items() if until <= delivered]
+                if done:
+                    self.cache.unpin(done)
+                    for file_id in done:
+                        del held[file_id]
                 yield start, stop
         finally:
             self.stop()
-            while pinned:
-                self.cache.unpin(pinned.popleft()[1])
+            self.cache.unpin(list(held))
 
     def _advance(self, position: int) -> None:
         """Records the position; wakes an idle thread only once a new plan is due."""
@@ -116,6 +126,10 @@ class ReadAhead:
             if file_id not in present and file_id not in busy
         )
         self._planned_at = position
+        if self._plan:
+            self._replan_every = self._shard_records
+        else:
+            self._replan_every = min(2 * self._replan_every, self._max_replan)
 
     def _next_task(self) -> tuple[int, int] | None:
         """The next shard to fetch (with its next use), planning again when due; None when

@@ -73,18 +73,15 @@ class FileSchedule:
         return found if self.end is None else np.where(found < self.end, found, NEVER)
 
     def files_between(self, start: int, stop: int) -> np.ndarray:
-        """File ids needed anywhere in global positions [start, stop), by first use."""
-        found: dict[int, int] = {}
-        position = start
-        while position < stop:
-            epoch, index = divmod(position, self.num_records)
+        """File ids needed anywhere in global positions [start, stop) (each once)."""
+        found = []
+        while start < stop:
+            epoch, index = divmod(start, self.num_records)
             first, end = self.ranges(epoch)
             epoch_stop = min(stop - epoch * self.num_records, self.num_records)
-            needed = np.flatnonzero((first < epoch_stop) & (end > index))
-            for file_id in needed[np.argsort(np.maximum(first[needed], index), kind="stable")]:
-                found.setdefault(int(file_id), position)
-            position = (epoch + 1) * self.num_records
-        return np.fromiter(found, dtype=np.int64, count=len(found))
+            found.append(np.flatnonzero((first < epoch_stop) & (end > index)))
+            start = (epoch + 1) * self.num_records
+        return found[0] if len(found) == 1 else np.unique(np.concatenate(found))
 
     def uses_from(self, position: int) -> Iterator[tuple[int, int]]:
         """(position of first use, file id) of the files in the order they are first needed from

@@ -141,6 +141,7 @@ class ShardCache:
         for directory in self._dirs.values():
             os.makedirs(directory, exist_ok=True)
         self._by_key = {shards.key(file_id): file_id for file_id in range(len(shards.urls))}
+        self._paths = [shard_path(root, shards.key(f)) for f in range(len(shards.urls))]
         self._pins: dict[int, tuple[int, int]] = {}  # file id -> (fd, count)
         self._lock = threading.Lock()
         self._counter = itertools.count()
@@ -156,7 +157,7 @@ class ShardCache:
         self.downloaded_bytes = 0
 
     def path(self, file_id: int) -> str:
-        return shard_path(self.settings.directory, self.shards.key(file_id))
+        return self._paths[file_id]
 
     def cached(self, file_id: int) -> bool:
         """Whether the shard is known to be on disk (no system call)."""
