@@ -24,6 +24,7 @@ from resumax.errors import ConfigError, StageError, StateMismatchError
 from resumax.pipeline.batching import BatchFields, Chunk, Piece, batch_positions, combine
 from resumax.pipeline.device import check_sharding, put_batch
 from resumax.pipeline.iterator import ActiveIterator, Delivery, PipelineIterator
+from resumax.pipeline.options import process_shard, seed_from_rngs, worker_group_size
 from resumax.pipeline.packing import WindowPacker, open_window_packer, row_batches, split_packing
 from resumax.pipeline.prefetch import Prefetcher
 from resumax.pipeline.record_path import RecordPath, open_record_path
@@ -42,50 +43,10 @@ from resumax.sources.base import DataPosition, RecordSource
 from resumax.sources.state_files import StateFileCheckpointable
 from resumax.stages.operators import OperatorStates
 from resumax.stages.transforms import BatchMap, Filter, Operator, as_stage
-from resumax.workers.pool import TASKS_PER_WORKER, WorkerPool
+from resumax.workers.pool import WorkerPool
 from resumax.workers.worker import check_worker_timeout, require_picklable
 
 DEFAULT_PREFETCH = 2
-# Positions per message to a worker: each message costs ~0.2 ms of CPU (both processes).
-TASK_RECORDS = 1024
-
-
-def seed_from_rngs(rngs: nnx.Rngs | int | None) -> int:
-    """An integer seed from an `nnx.Rngs` (its default stream's key), an int, or None (0).
-
-    The key is read, not split: the pipeline consumes no randomness from the caller's Rngs.
-    """
-    if rngs is None:
-        return 0
-    if isinstance(rngs, int) and not isinstance(rngs, bool):
-        if rngs < 0:
-            raise ConfigError(f"rngs seed must be >= 0, got {rngs}")
-        return rngs
-    if isinstance(rngs, nnx.Rngs):
-        streams = {n: s for n, s in vars(rngs).items() if isinstance(s, nnx.RngStream)}
-        stream = streams.get("default") or streams[min(streams)]
-        words = np.asarray(jax.random.key_data(stream.key.get_value())).astype(np.uint64)
-        return int(words[0]) << 32 | int(words[1])
-    raise ConfigError(f"rngs must be an nnx.Rngs, an int or None, got {rngs!r}")
-
-
-def _process_shard(
-    shard_by_process: bool, process_index: int | None, process_count: int | None
-) -> tuple[int, int]:
-    """(this process's index, number of processes) the global batches are split over."""
-    if not shard_by_process:
-        return 0, 1
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    for name, value in (("process_index", index), ("process_count", count)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{name} must be an int, got {name}={value!r}")
-    if not 0 <= index < count:
-        raise ConfigError(
-            f"process_index must be in [0, process_count), got process_index={index}, "
-            f"process_count={count}"
-        )
-    return index, count
 
 
 # The pipeline: spans -> RecordPath chunks -> batches -> devices -> prefetch -> caller ----
@@ -169,7 +130,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
         self.prefetch = prefetch
         self.worker_timeout = worker_timeout
         self.sharding = check_sharding(sharding)
-        self.process_index, self.process_count = _process_shard(
+        self.process_index, self.process_count = process_shard(
             shard_by_process, process_index, process_count
         )
         self._has_filter = any(isinstance(stage, Filter) for stage in stages)
@@ -185,32 +146,16 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
             raise ConfigError("PackSequences must be the last stage, after every BatchMap stage")
         self.packed_rows = DataPosition(0)
         self._worker_recipe = self._make_worker_recipe() if num_workers else None
-        self._max_group = self._group_size()
-        self._active = ActiveIterator()
-
-    def _group_size(self) -> int:
-        """Spans per message to a worker: without per-record stages, about TASK_RECORDS
-        positions (a stage's span, or a window, goes alone, so that a slow or stuck stage never
-        holds back the batches before it); fewer when the source can read only so far ahead
-        (a remote source's cache). ConfigError when even prefetch alone reads too far ahead."""
-        grouped = self._packing is None and not self._record_path.record_stages
-        max_group = -(-TASK_RECORDS // self.batch_size) if grouped else 1
-        limit = self.source.read_ahead_limit()
-        if limit is None:
-            return max_group
         span = self._packing.window if self._packing is not None else self.batch_size
-        span *= self.process_count
-        ahead = (self.prefetch + 2) * span
-        groups = self.num_workers * TASKS_PER_WORKER
-        if ahead + groups * span > limit:
-            raise ConfigError(
-                f"the source's cache_limit holds the shards of {limit} positions, but this "
-                f"pipeline reads up to {ahead + groups * span} positions ahead (batch_size "
-                f"{self.batch_size} x process_count {self.process_count}, prefetch "
-                f"{self.prefetch}, num_workers {self.num_workers}); raise cache_limit, or lower "
-                "shuffle_window, prefetch or num_workers"
-            )
-        return max(1, min(max_group, (limit - ahead) // max(1, groups * span)))
+        self._max_group = worker_group_size(
+            self.batch_size,
+            span * self.process_count,
+            grouped=self._packing is None and not self._record_path.record_stages,
+            prefetch=self.prefetch,
+            num_workers=self.num_workers,
+            read_ahead_limit=self.source.read_ahead_limit(),
+        )
+        self._active = ActiveIterator()
 
     def _make_worker_recipe(self) -> Callable[[], RecordPath]:
         """What each worker runs once: open the source again and build its RecordPath.
@@ -264,10 +209,7 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
                 activities=self._record_path.activities,
                 describe_task=lambda span: f"the records at positions [{span[0]}, {span[1]})",
             )
-            # Without per-record stages, spans go to workers in groups of about TASK_RECORDS
-            # positions; a stage's span (or a window) goes alone, so a slow or stuck stage never
-            # holds back the batches before it.
-            chunks = pool.map(span_stream, self._max_group)
+            chunks = pool.map(span_stream, self._max_group)  # see worker_group_size
         else:
             chunks = map(task, span_stream)
         if self._packing is not None:

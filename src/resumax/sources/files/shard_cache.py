@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 
 from resumax.errors import DataSourceError
-from resumax.records import shard_index, storage
+from resumax.records import shard_index
+from resumax.sources.files.download import download
 
 _SHARD_SUFFIX = ".array_record"
 _PARTIAL_SUFFIX = ".partial"
 _POLL = 0.05
-# The first retry of a failed download waits this long, each next one twice as long.
-_FIRST_BACKOFF = 0.2
 
 
 class NoRoom(Exception):
@@ -223,7 +222,9 @@ class ShardCache:
         _PARTIALS.add((os.getpid(), partial))
         try:
             self._reserve(partial, size, deadline, url, evict_after)
-            self._get_with_retries(url, partial, deadline)
+            download(
+                url, partial, self.shards.storage_options, deadline, self.settings.fetch_timeout
+            )
             self._check(file_id, partial)
             os.replace(partial, self.path(file_id))
             with self._lock:  # several download threads finish at once
@@ -232,39 +233,6 @@ class ShardCache:
             _PARTIALS.discard((os.getpid(), partial))
             with contextlib.suppress(FileNotFoundError):
                 os.remove(partial)
-
-    def _get_with_retries(self, url: str, partial: str, deadline: float) -> None:
-        """Downloads `url` into `partial`, retried with backoff on transient errors until
-        `deadline`; a missing object or bucket and refused credentials fail at once. The download
-        runs in a daemon thread, so a server that stops answering never holds the caller (or the
-        interpreter's exit) past the deadline."""
-        fs, remote_path = storage.filesystem(url, self.shards.storage_options)
-        backoff = _FIRST_BACKOFF
-        while True:
-            download = _Download(fs, remote_path, partial)
-            try:
-                finished = download.done.wait(max(deadline - time.monotonic(), 0.0))
-            except BaseException:
-                download.abandon()
-                raise
-            if not finished:
-                download.abandon()
-                raise DataSourceError(
-                    f"cannot fetch {url!r}: no complete download within fetch_timeout="
-                    f"{self.settings.fetch_timeout} s (is the server reachable?)"
-                )
-            if download.error is None:
-                return
-            error = download.error
-            failure = storage.storage_error(url, error, doing="fetch")
-            if storage.is_persistent(error, failure):
-                raise failure from error
-            if time.monotonic() + backoff > deadline:
-                raise DataSourceError(
-                    f"{failure} (retried until fetch_timeout={self.settings.fetch_timeout} s)"
-                ) from error
-            time.sleep(backoff)
-            backoff *= 2
 
     def _check(self, file_id: int, partial: str) -> None:
         """Refuses a download whose size or content hash is not the index's."""
@@ -429,33 +397,3 @@ class ShardCache:
             for fd, _ in self._pins.values():
                 os.close(fd)
             self._pins.clear()
-
-
-class _Download:
-    """One object's download into a local file, in a daemon thread; `abandon()` makes the thread
-    remove what it wrote once it ends."""
-
-    def __init__(self, fs: Any, remote_path: str, partial: str):
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self._abandoned = threading.Event()
-        self._args = (fs, remote_path, partial)
-        threading.Thread(target=self._run, name="resumax-download", daemon=True).start()
-
-    def _run(self) -> None:
-        fs, remote_path, partial = self._args
-        try:
-            fs.get_file(remote_path, partial)
-        except BaseException as error:
-            self.error = error
-        finally:
-            if self._abandoned.is_set():
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(partial)
-            self.done.set()
-
-    def abandon(self) -> None:
-        self._abandoned.set()
-        if self.done.is_set():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self._args[2])
