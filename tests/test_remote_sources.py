@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -210,6 +211,20 @@ def server_log(s3_server) -> Any:
     yield log
     logger.removeHandler(log)
     logger.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _downloads_end_with_their_test() -> Any:
+    """Waits (10 s at most) for the read-ahead threads a test started (one stopped with a
+    download under way finishes it), so that the next test's request log holds its own.
+    Downloads abandoned at fetch_timeout (on a server that stopped) are not waited for."""
+    before = set(threading.enumerate())
+    yield
+    gc.collect()  # an iterator nobody holds stops its read-ahead threads
+    deadline = time.monotonic() + 10
+    for thread in set(threading.enumerate()) - before:
+        if thread.name == "resumax-fetch":
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def cache_files(cache_dir, name: str) -> list[str]:
@@ -444,44 +459,122 @@ def test_a_set_larger_than_the_limit_downloads_at_most_once_per_epoch(
     assert sampler.peak <= limit, sampler.at_peak
 
 
-def _evicted_but_open() -> list[str]:
-    """Shards this process holds open although they were removed from the cache."""
+def _evicted_but_open(pid: int | str = "self") -> list[str]:
+    """Shards a process holds open although they were removed from the cache (their disk space
+    is not freed while they are open)."""
     found = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.endswith(".array_record (deleted)"):
-                found.append(target)
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.endswith(".array_record (deleted)"):
+                    found.append(target)
     return found
 
 
-def test_evicted_shards_are_not_held_open(s3_set, tmp_path):
+def _children(pid: int) -> list[int]:
+    """The processes started by `pid` and their own, recursively."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{name}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            if parent == pid:
+                found += [int(name), *_children(int(name))]
+    return found
+
+
+def test_evicted_shards_are_closed_by_the_next_read(s3_set, tmp_path):
+    """A reader of an evicted copy is closed at the process's next read: it holds open at most
+    the few copies evicted since, never every copy ever evicted (16 here)."""
     limit = ORDERS["window"][1]
-    source = remote(s3_set, config("window", num_epochs=3), tmp_path / "cache", cache_limit=limit)
-    iterator = iter(Pipeline(source, batch_size=BATCH))
+    source = remote(
+        s3_set,
+        config("window", num_epochs=3),
+        tmp_path / "cache",
+        cache_limit=limit,
+        fetch_threads=2,
+    )
+    iterator = iter(Pipeline(source, batch_size=BATCH, prefetch=0))
+    held = []
     try:
-        take(iterator, 150)
-        held = _evicted_but_open()
+        for _ in range(290):
+            next(iterator)
+            held.append(len(_evicted_but_open()))
     finally:
         iterator.close()
-    cached = len(cache_files(tmp_path / "cache", "shards"))
-    assert (cached + len(held)) * SHARD_BYTES <= limit, held
+    assert max(held) <= 4, held
+    assert len(cache_files(tmp_path / "cache", "shards")) * SHARD_BYTES <= limit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker process is not told of evictions made by the main process (or by any "
+    "other process): its reader pool keeps evicted copies open, their disk space not freed",
+)
+def test_workers_hold_no_evicted_shard_open(s3_set, tmp_path):
+    limit = ORDERS["window"][1]
+    source = remote(s3_set, config("window", num_epochs=3), tmp_path / "cache", cache_limit=limit)
+    iterator = iter(Pipeline(source, batch_size=BATCH, num_workers=2))
+    try:
+        take(iterator, 250)
+        held = {pid: len(_evicted_but_open(pid)) for pid in _children(os.getpid())}
+    finally:
+        iterator.close()
+        del iterator
+    assert sum(held.values()) <= 4, held
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PipelineIterator.close() does not close the span stream: the source's read-ahead "
+    "threads keep downloading, and its pins stay, until the generator is garbage collected",
+)
+def test_closing_the_iterator_stops_reading_ahead(s3_set, tmp_path):
+    before = set(threading.enumerate())
+    source = remote(
+        s3_set,
+        config("window"),
+        tmp_path / "cache",
+        cache_limit=ORDERS["window"][1],
+        fetch_threads=2,
+    )
+    iterator = iter(Pipeline(source, batch_size=BATCH))
+    try:
+        take(iterator, 20)
+        iterator.close()
+        deadline = time.monotonic() + 1.5
+        while True:
+            running = [t for t in set(threading.enumerate()) - before if t.name == "resumax-fetch"]
+            if not running or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        pinned = source._cache.pinned()
+    finally:
+        iterator.close()
+        del iterator
+    assert running == [] and pinned == set()
 
 
 # --- Startup ---------------------------------------------------------------------------------
 
 
-def test_startup_downloads_no_shard_when_the_index_exists(s3_set, tmp_path, server_log):
-    source = remote(s3_set, config("global"), tmp_path / "cache")
+def test_startup_downloads_no_shard_when_the_index_exists(
+    s3_server, s3_bucket, tmp_path, server_log
+):
+    pattern = _write_set(s3_server, s3_bucket)
+    server_log.requests.clear()
+    source = remote((s3_server, pattern), config("global"), tmp_path / "cache")
     assert len(source) == NUM_SHARDS * PER_SHARD
     assert list(source.file_record_counts()) == [PER_SHARD] * NUM_SHARDS
     assert cache_files(tmp_path / "cache", "shards") == []
     assert cache_files(tmp_path / "cache", "tmp") == []
-    touched = [path for _, path, _ in server_log.requests if ".array_record" in path.split("?")[0]]
-    assert touched == []
-    gets = [path for method, path, _ in server_log.requests if method == "GET"]
+    name = s3_bucket.split("://")[1]
+    requests = [request for request in server_log.requests if name in request[1]]
+    assert [path for _, path, _ in requests if ".array_record" in path.split("?")[0]] == []
+    gets = [path for method, path, _ in requests if method == "GET"]
     assert sum("train.index.json" in path for path in gets) == 1
-    assert len(server_log.requests) <= 3, server_log.requests  # one listing, one index GET
+    assert len(requests) <= 3, requests  # one listing, one index GET (and its HEAD)
 
 
 def test_without_an_index_one_log_line_points_to_resumax_index(
