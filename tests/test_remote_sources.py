@@ -507,11 +507,6 @@ def test_evicted_shards_are_closed_by_the_next_read(s3_set, tmp_path):
     assert len(cache_files(tmp_path / "cache", "shards")) * SHARD_BYTES <= limit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker process is not told of evictions made by the main process (or by any "
-    "other process): its reader pool keeps evicted copies open, their disk space not freed",
-)
 def test_workers_hold_no_evicted_shard_open(s3_set, tmp_path):
     limit = ORDERS["window"][1]
     source = remote(s3_set, config("window", num_epochs=3), tmp_path / "cache", cache_limit=limit)
@@ -525,11 +520,6 @@ def test_workers_hold_no_evicted_shard_open(s3_set, tmp_path):
     assert sum(held.values()) <= 4, held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PipelineIterator.close() does not close the span stream: the source's read-ahead "
-    "threads keep downloading, and its pins stay, until the generator is garbage collected",
-)
 def test_closing_the_iterator_stops_reading_ahead(s3_set, tmp_path):
     before = set(threading.enumerate())
     source = remote(

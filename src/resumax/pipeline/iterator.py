@@ -48,12 +48,17 @@ class PipelineIterator:
         deliveries: Iterator[Delivery],
         pool: WorkerPool | None,
         prefetcher: Prefetcher | None,
+        stop_reading: Callable[[], None] | None = None,
     ):
+        """`stop_reading`: what the source's `spans_ready` gave to stop reading ahead (remote
+        downloads), called once the workers and the prefetch thread are stopped."""
         self._receive = receive
         self._deliveries = deliveries
         self._closed = False
         self.worker_pids: tuple[int, ...] = pool.worker_pids if pool is not None else ()
-        self._release = weakref.finalize(self, _release, pool, prefetcher, STOP_TIMEOUT)
+        self._release = weakref.finalize(
+            self, _release, pool, prefetcher, STOP_TIMEOUT, stop_reading
+        )
 
     def __iter__(self) -> PipelineIterator:
         return self
@@ -79,8 +84,8 @@ class PipelineIterator:
         self._closed = True
         resources = self._release.detach()
         if resources is not None:
-            _, release, (pool, prefetcher, _), _ = resources
-            release(pool, prefetcher, timeout)
+            _, release, (pool, prefetcher, _, stop_reading), _ = resources
+            release(pool, prefetcher, timeout, stop_reading)
 
     def __enter__(self) -> PipelineIterator:
         return self
@@ -89,7 +94,12 @@ class PipelineIterator:
         self.close()
 
 
-def _release(pool: WorkerPool | None, prefetcher: Prefetcher | None, timeout: float) -> None:
+def _release(
+    pool: WorkerPool | None,
+    prefetcher: Prefetcher | None,
+    timeout: float,
+    stop_reading: Callable[[], None] | None = None,
+) -> None:
     """Stops the prefetch thread and the workers, in at most about `timeout` seconds.
 
     The thread first (a quarter of the time: it ends at its next item unless a stage holds it),
@@ -104,6 +114,8 @@ def _release(pool: WorkerPool | None, prefetcher: Prefetcher | None, timeout: fl
         if prefetcher is not None:
             prefetcher.join(deadline - time.monotonic())
         pool.close(0.0)
+    if stop_reading is not None:
+        stop_reading()
 
 
 class ActiveIterator:

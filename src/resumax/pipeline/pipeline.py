@@ -217,7 +217,13 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
         else:
             deliveries = self._deliveries(chunks, start, end, working)
         prefetcher = Prefetcher(deliveries, self.prefetch) if self.prefetch else None
-        iterator = PipelineIterator(self._receive, prefetcher or deliveries, pool, prefetcher)
+        iterator = PipelineIterator(
+            self._receive,
+            prefetcher or deliveries,
+            pool,
+            prefetcher,
+            getattr(span_stream, "stop_reading", None),
+        )
         self._active.set(iterator)
         return iterator
 

@@ -103,7 +103,7 @@ class ArrayRecordSourceModule(RecordSource):
             paths.identities,
             max_open_files,
             index=paths.index,
-            local_path=self._cache.fetch if self._cache is not None else None,
+            copies=self._cache,
         )
         if self._cache is not None:
             self._cache.on_evict = self._files.pool.forget
@@ -132,9 +132,7 @@ class ArrayRecordSourceModule(RecordSource):
         until the caller has received it), downloading ahead in read order meanwhile."""
         if self._cache is None:
             return spans
-        return ReadAhead(self._cache, self._schedule, self._file_ids_of, self._delivered).spans(
-            spans
-        )
+        return ReadAhead(self._cache, self._schedule, self._file_ids_of, self._delivered, spans)
 
     def _file_ids_of(self, start: int, stop: int) -> np.ndarray:
         """The files the records at global positions [start, stop) lie in: from the files'

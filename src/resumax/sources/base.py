@@ -168,7 +168,9 @@ class RecordSource(StateFileCheckpointable, nnx.Module, pytree=False):
 
     def spans_ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
         """The spans of global positions a pipeline will read, each yielded once this source can
-        read it without waiting (a remote source fetches its shards first); default: as given."""
+        read it without waiting (a remote source fetches its shards first); default: as given.
+        What it returns may have a `stop_reading()` method, which the pipeline calls (from any
+        thread) when its iterator ends, to stop downloads and release what it holds."""
         return spans
 
     def __len__(self) -> int:

@@ -36,23 +36,41 @@ class _Feed:
         return self.spans.popleft()
 
 
-def spans_ready(mixture: Mixture, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """`spans` of mixture positions, each yielded once every component is ready for its draws."""
-    feeds = [_Feed() for _ in mixture.names]
-    ready: list[Iterator[Any]] = [
-        mixture.components[name].spans_ready(feed)
-        for name, feed in zip(mixture.names, feeds, strict=True)
-    ]
-    try:
-        for start, stop in spans:
-            first, last = mixture.draws_before(start), mixture.draws_before(stop)
-            _prepare(feeds, ready, first.tolist(), last.tolist())
-            yield start, stop
-    finally:
-        for component in ready:
-            close = getattr(component, "close", None)
-            if close is not None:
-                close()
+class ReadySpans:
+    """`spans` of mixture positions, each yielded once every component is ready for its draws;
+    `stop_reading()` stops the components' downloads (from any thread)."""
+
+    def __init__(self, mixture: Mixture, spans: Iterator[tuple[int, int]]):
+        self._mixture, self._spans = mixture, spans
+        self._feeds = [_Feed() for _ in mixture.names]
+        self._ready: list[Iterator[Any]] = [
+            mixture.components[name].spans_ready(feed)
+            for name, feed in zip(mixture.names, self._feeds, strict=True)
+        ]
+
+    def __iter__(self) -> ReadySpans:
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        try:
+            start, stop = next(self._spans)
+        except BaseException:
+            self.stop_reading()
+            raise
+        first, last = self._mixture.draws_before(start), self._mixture.draws_before(stop)
+        _prepare(self._feeds, self._ready, first.tolist(), last.tolist())
+        return start, stop
+
+    def stop_reading(self) -> None:
+        for component in self._ready:
+            stop = getattr(component, "stop_reading", None)
+            if stop is not None:
+                stop()
+
+
+def spans_ready(mixture: Mixture, spans: Iterator[tuple[int, int]]) -> ReadySpans:
+    """The mixture's spans made ready by its components (see `ReadySpans`)."""
+    return ReadySpans(mixture, spans)
 
 
 def _prepare(

@@ -36,8 +36,10 @@ class ReadAhead:
         schedule: FileSchedule,
         file_ids_of: Callable[[int, int], np.ndarray],
         delivered: Callable[[], int],
+        spans: Iterator[tuple[int, int]],
     ):
-        """`file_ids_of(start, stop)`: the files the records at positions [start, stop) lie in;
+        """Iterates `spans`, each once its shards are on disk and pinned (see `_spans`).
+        `file_ids_of(start, stop)`: the files the records at positions [start, stop) lie in;
         `delivered()`: the position the caller has received (pins before it are released)."""
         self.cache, self.schedule = cache, schedule
         self._file_ids_of, self._delivered = file_ids_of, delivered
@@ -60,18 +62,37 @@ class ReadAhead:
             threading.Thread(target=self._run, name="resumax-fetch", daemon=True)
             for _ in range(cache.settings.fetch_threads)
         ]
-
-    def spans(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-        """`spans`, each yielded once its shards are on disk and pinned; pins are released once
-        the caller has received the positions they cover, and all of them at the end."""
         # Pinned shards -> the position after which they are no longer needed: a shard stays
         # pinned over all the spans that read it. Under the global shuffle every shard is read
         # all the time (and the whole set fits): each stays pinned from its first read on.
-        held: dict[int, int] = {}
+        self._held: dict[int, int] = {}
+        self._held_lock = threading.Lock()
+        self._spans = self._ready(spans)
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        return next(self._spans)
+
+    def stop_reading(self) -> None:
+        """Stops the downloads and releases every pin; any thread may call it, also while the
+        spans are being iterated in another (that iteration then ends)."""
+        self.stop()
+        with self._held_lock:
+            self.cache.unpin(list(self._held))
+            self._held.clear()
+
+    def _ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        """`spans`, each yielded once its shards are on disk and pinned; pins are released once
+        the caller has received the positions they cover, and all of them at the end."""
+        held = self._held
         keep = NEVER if self.schedule.global_shuffle else None
         started = False
         try:
             for start, stop in spans:
+                if self._stopped:
+                    return
                 self._advance(start)
                 if not started:
                     for thread in self._threads:
@@ -80,17 +101,20 @@ class ReadAhead:
                 for file_id in self._file_ids_of(start, stop).tolist():
                     if file_id not in held:
                         self.cache.fetch(file_id, pin=True)
-                    held[file_id] = keep or stop
+                    with self._held_lock:
+                        if self._stopped:
+                            self.cache.unpin([file_id])
+                            return
+                        held[file_id] = keep or stop
                 delivered = self._delivered()
-                done = [file_id for file_id, until in held.items() if until <= delivered]
-                if done:
+                with self._held_lock:
+                    done = [file_id for file_id, until in held.items() if until <= delivered]
                     self.cache.unpin(done)
                     for file_id in done:
                         del held[file_id]
                 yield start, stop
         finally:
-            self.stop()
-            self.cache.unpin(list(held))
+            self.stop_reading()
 
     def _advance(self, position: int) -> None:
         """Records the position; wakes an idle thread only once a new plan is due."""

@@ -11,8 +11,8 @@ import resource
 import stat as stat_module
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from array_record.python import array_record_module
@@ -167,6 +167,17 @@ def _raise_if_os_refuses(path: str, max_open_files: int | None) -> None:
         raise os_refusal(path, error, max_open_files) from error
 
 
+class LocalCopies(Protocol):
+    """Where remote files are read from: a local copy per file id (`resumax.sources.files.
+    shard_cache.ShardCache`)."""
+
+    directory: str  # the copies' directory
+
+    def fetch(self, file_id: int) -> str: ...  # the copy's path, downloaded first if need be
+
+    def path(self, file_id: int) -> str: ...  # the copy's path, whether it exists or not
+
+
 class ReaderPool:
     """At most `max_open_files` open readers, opened on demand, least recently used closed first.
 
@@ -180,17 +191,19 @@ class ReaderPool:
         counts: Sequence[int],
         max_open_files: int,
         index: str | None = None,
-        local_path: Callable[[int], str] | None = None,
+        copies: LocalCopies | None = None,
     ):
         self.paths, self.identities, self.counts = paths, identities, counts
         self.max_open_files = max_open_files
         self.index = index  # the shard index the identities come from, if any
-        # For remote files: file id -> the local copy, fetched first if need be (`paths` then
-        # are URLs, for messages, and the copies are checked by the cache, not by identity).
-        self.local_path = local_path
+        # For remote files: their local copies, fetched when opened (`paths` then are URLs,
+        # for messages, and the copies are checked by the cache, not by identity).
+        self.copies = copies
         # Files whose local copies were evicted: their readers are closed at the next read,
-        # so that a deleted copy's disk space is freed.
+        # so that a deleted copy's disk space is freed. This process learns of its own
+        # evictions at once, of other processes' from the copies' directory (`_look_for_evicted`).
         self.evicted: set[int] = set()
+        self._copies_seen = 0  # the copies' directory's mtime when last looked at
         self.lock = threading.Lock()
         # file id -> open reader, least recently used first.
         self.open_readers: OrderedDict[int, Any] = OrderedDict()
@@ -199,8 +212,20 @@ class ReaderPool:
         """Marks a file's local copy as evicted (any thread; no lock taken)."""
         self.evicted.add(file_id)
 
+    def _look_for_evicted(self) -> None:
+        """When the copies' directory changed since the last look (one stat): marks open
+        readers whose copy another process evicted."""
+        if self.copies is None:
+            return
+        changed = os.stat(self.copies.directory).st_mtime_ns
+        if changed != self._copies_seen:
+            path = self.copies.path
+            self.evicted.update(f for f in self.open_readers if not os.path.exists(path(f)))
+            self._copies_seen = changed
+
     def close_evicted(self) -> None:
         """Closes the readers of evicted local copies; call with `lock` held."""
+        self._look_for_evicted()
         while self.evicted:
             reader = self.open_readers.pop(self.evicted.pop(), None)
             if reader is not None:
@@ -208,7 +233,7 @@ class ReaderPool:
 
     def get(self, file_id: int) -> Any:
         """The reader of file `file_id`; call with `lock` held."""
-        if self.evicted:
+        if self.copies is not None:
             self.close_evicted()
         reader = self.open_readers.get(file_id)
         if reader is not None:
@@ -223,8 +248,8 @@ class ReaderPool:
         """A new reader of file `file_id`, checked to be the file and record count the source
         saw; the pool does not hold it (any thread may call this without the lock)."""
         path = self.paths[file_id]
-        if self.local_path is not None:
-            reader = open_reader(self.local_path(file_id), None, self.max_open_files)
+        if self.copies is not None:
+            reader = open_reader(self.copies.fetch(file_id), None, self.max_open_files)
         else:
             reader = open_reader(path, self.identities[file_id], self.max_open_files, self.index)
         if reader.num_records() != self.counts[file_id]:
@@ -267,13 +292,13 @@ class ArrayRecordFiles:
         identities: Sequence[FileIdentity],
         max_open_files: int,
         index: str | None = None,
-        local_path: Callable[[int], str] | None = None,
+        copies: LocalCopies | None = None,
     ):
         self.paths = list(paths)
         self.counts = [int(count) for count in counts]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.pool = ReaderPool(
-            self.paths, list(identities), self.counts, max_open_files, index, local_path
+            self.paths, list(identities), self.counts, max_open_files, index, copies
         )
 
     def locate(self, record_index: int) -> tuple[str, int]:
@@ -315,7 +340,7 @@ class ArrayRecordFiles:
         no grouping and no LRU bookkeeping."""
         pool = self.pool
         with pool.lock:
-            if pool.evicted:
+            if pool.copies is not None:
                 pool.close_evicted()
             readers = pool.open_readers
             open_many(pool, sorted(set(file_ids).difference(readers)))

@@ -155,6 +155,11 @@ class ShardCache:
         self.on_evict: Callable[[int], None] | None = None
         self.downloaded_bytes = 0
 
+    @property
+    def directory(self) -> str:
+        """The directory of the complete shards."""
+        return self._dirs["shards"]
+
     def path(self, file_id: int) -> str:
         return self._paths[file_id]
 
