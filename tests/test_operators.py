@@ -92,13 +92,15 @@ def test_after_each_next_the_module_holds_exactly_the_delivered_state(
     source = ArrayRecordSourceModule(SHUFFLED, shards)
     pipeline = Pipeline(source, [operator], 8, prefetch=prefetch, num_workers=num_workers)
     keys = set()
-    for delivered in range(1, 41):
+    # Each iter() starts the workers anew: fewer rounds with them, the race is the thread's.
+    rounds = 10 if num_workers else 40
+    for delivered in range(1, rounds + 1):
         next(iter(pipeline))
         assert int(operator.seen.get_value()) == delivered
         assert int(operator.rngs.jitter.count.get_value()) == delivered
         keys.add(np.asarray(jax.random.key_data(operator.rngs.jitter())).tobytes())
         operator.rngs.jitter.count.set_value(jnp.uint32(delivered))  # undo the draw above
-    assert len(keys) == 40
+    assert len(keys) == rounds
     pipeline.close()
 
 
