@@ -36,7 +36,7 @@ def test_server_listens_on_loopback_and_round_trips(bucket, tmp_path):
     assert server.endpoint_url.startswith("http://127.0.0.1:")
     local = tmp_path / "x.bin"
     local.write_bytes(b"records" * 100)
-    storage.upload(str(local), f"{url}/dir/x-00000-of-00001.bin", server.storage_options)
+    remote.upload_file(str(local), f"{url}/dir/x-00000-of-00001.bin", server.storage_options)
     assert storage.read_bytes(f"{url}/dir/x-00000-of-00001.bin", server.storage_options) == (
         b"records" * 100
     )

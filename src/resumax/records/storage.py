@@ -141,15 +141,6 @@ def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
         raise storage_error(url, error) from error
 
 
-def upload(local: str, url: str, storage_options: StorageOptions = None) -> None:
-    """Copies the local file `local` to `url` (one object)."""
-    fs, path = filesystem(url, storage_options)
-    try:
-        fs.put_file(local, path)
-    except Exception as error:
-        raise storage_error(url, error, doing="write") from error
-
-
 def join(url: str, name: str) -> str:
     """`name` in the directory of `url` (for URLs: `/`-separated)."""
     return (
