@@ -65,4 +65,4 @@ def single_file(tmp_path):
 
 
 # Object storage servers on 127.0.0.1: s3_server, s3_bucket, gcs_server, gcs_bucket.
-pytest_plugins = ["tests.buckets"]
+pytest_plugins = ["tests.buckets", "tests.remote_sets"]
