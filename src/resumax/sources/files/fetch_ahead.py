@@ -56,7 +56,6 @@ class ReadAhead:
         self._idle = 0
         self._changed = threading.Condition()
         self._stopped = False
-        self.error: BaseException | None = None
         cache.next_use = lambda: schedule.next_use(self._position)
         self._threads = [
             threading.Thread(target=self._run, name="resumax-fetch", daemon=True)
@@ -189,9 +188,8 @@ class ReadAhead:
             except NoRoom:
                 with self._changed:
                     self._plan.clear()  # nothing later fits either, until the position moves
-            except (DataSourceError, OSError) as error:
+            except (DataSourceError, OSError):
                 # The read that needs this shard fetches it again and raises in its own thread.
-                self.error = error
                 with self._changed:
                     self._plan.clear()
             finally:

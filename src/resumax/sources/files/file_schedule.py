@@ -5,7 +5,7 @@ the bytes that must be on disk at once. Pure functions of (counts, seed, shuffle
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -82,19 +82,6 @@ class FileSchedule:
             found.append(np.flatnonzero((first < epoch_stop) & (end > index)))
             start = (epoch + 1) * self.num_records
         return found[0] if len(found) == 1 else np.unique(np.concatenate(found))
-
-    def uses_from(self, position: int) -> Iterator[tuple[int, int]]:
-        """(position of first use, file id) of the files in the order they are first needed from
-        `position` on, epoch after epoch (a file once per epoch)."""
-        epoch, index = divmod(position, self.num_records)
-        while True:
-            first, end = self.ranges(epoch)
-            starts = np.maximum(first, index)
-            live = np.flatnonzero(end > index)
-            base = epoch * self.num_records
-            for file_id in live[np.argsort(starts[live], kind="stable")]:
-                yield int(starts[file_id]) + base, int(file_id)
-            epoch, index = epoch + 1, 0
 
     def bytes_at_once(self, sizes: Sequence[int], positions: int = 0) -> int:
         """An upper bound of the bytes of the files needed at once while `positions` positions

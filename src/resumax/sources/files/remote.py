@@ -161,8 +161,6 @@ class RemoteListing:
     sizes: list[int]
     counts: list[int | None]
     hashes: list[str | None]
-    # Where counts came from, for messages: the index or dataset_info URLs.
-    described_by: list[str] = dataclasses.field(default_factory=list)
 
 
 def list_remote(patterns: Sequence[str], storage_options: dict[str, Any]) -> RemoteListing:
@@ -249,7 +247,6 @@ def _describe_set(
                 )
             listing.counts[position] = payload["num_records"][row]
             listing.hashes[position] = payload["content_hashes"][row]
-        listing.described_by.append(index_url)
         return
     info_url = f"{directory}/{shard_index.TFDS_INFO}"
     info = _read_json(info_url, storage_options)
@@ -259,7 +256,6 @@ def _describe_set(
     for position, shard in members:
         if counts is not None and len(counts) == shard.total:
             listing.counts[position] = int(counts[shard.index])
-    listing.described_by.append(info_url)
 
 
 def _read_json(url: str, storage_options: dict[str, Any]) -> Any:

@@ -163,10 +163,6 @@ class ShardCache:
     def path(self, file_id: int) -> str:
         return self._paths[file_id]
 
-    def cached(self, file_id: int) -> bool:
-        """Whether the shard is known to be on disk (no system call)."""
-        return file_id in self.present
-
     # Fetching ---------------------------------------------------------------------------------
 
     def fetch(self, file_id: int, pin: bool = False, evict_after: int | None = None) -> str:
