@@ -24,6 +24,7 @@ from resumax.sources import (
     RecordSource,
     tfds_source,
 )
+from resumax.sources.record_ref import RecordRef
 from resumax.stages import BatchMap, Filter, Map, MapWithIndex, PackSequences, Pad, RandomMap
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "RandomMap",
     "RecordDecodeError",
     "RecordEncodeError",
+    "RecordRef",
     "RecordSource",
     "ResumaxError",
     "StageError",

@@ -105,3 +105,46 @@ def _slice_rows(pieces: list[tuple[Rows, int, int]], first: int, stop: int) -> R
         rows, a, b = parts[0]
         return {key: rows[key][a:b] for key in keys}
     return {key: np.concatenate([rows[key][a:b] for rows, a, b in parts]) for key in keys}
+
+
+# Rows of a batch -> their records ------------------------------------------------------------
+
+
+def packed_batch_rows(
+    window_rows: Callable[[int], list[list[int]]],
+    anchor: tuple[int, int, int],
+    batch_offset: int,
+    rows: tuple[int, int],
+    last_window: int | None,
+    keep_last: bool,
+) -> list[list[int]]:
+    """The record positions of rows [first, stop) of a global batch of packed rows.
+
+    `window_rows(w)`: each row's record positions in window w (it re-packs the window).
+    `anchor`: (window, rows delivered from it, global batch size) where the pipeline stands;
+    the batch starts `batch_offset` global batches after (negative: before) that point.
+    Only the windows between the anchor and the batch are packed. `last_window`: past it a
+    finite stream has no rows; `keep_last`: a last partial batch is delivered.
+    """
+    window, offset, global_batch = anchor
+    offset += batch_offset * global_batch + rows[0]
+    while offset < 0:  # walk back to the window holding the batch's first row
+        window -= 1
+        if window < 0:
+            raise ConfigError("the batch would start before the stream's first packed row")
+        offset += len(window_rows(window))
+    found: list[list[int]] = []
+    wanted = rows[1] - rows[0]
+    while len(found) < wanted:
+        if last_window is not None and window > last_window:
+            if keep_last and found:
+                break
+            raise ConfigError("the batch lies past the end of this finite stream")
+        window_list = window_rows(window)
+        if offset < len(window_list):
+            found.extend(window_list[offset : offset + wanted - len(found)])
+            offset = 0
+        else:
+            offset -= len(window_list)
+        window += 1
+    return found

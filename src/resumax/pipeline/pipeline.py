@@ -20,19 +20,16 @@ import numpy as np
 from flax import nnx
 
 from resumax import order
-from resumax.errors import ConfigError, StageError, StateMismatchError
+from resumax.errors import ConfigError, StageError
 from resumax.pipeline.batching import BatchFields, Chunk, Piece, batch_positions, combine
 from resumax.pipeline.device import check_sharding, put_batch
 from resumax.pipeline.iterator import ActiveIterator, Delivery, PipelineIterator
 from resumax.pipeline.options import process_shard, seed_from_rngs, worker_group_size
 from resumax.pipeline.packing import WindowPacker, open_window_packer, row_batches, split_packing
+from resumax.pipeline.pipeline_state import PipelineState
 from resumax.pipeline.prefetch import Prefetcher
+from resumax.pipeline.provenance import BatchRecords, Jump, add_jump
 from resumax.pipeline.record_path import RecordPath, open_record_path
-from resumax.pipeline.state_checks import (
-    PIPELINE_STATE_VERSION,
-    check_filter_layout,
-    check_pipeline_state,
-)
 from resumax.pipeline.stream_checks import (
     FilterStarvation,
     describe_records,
@@ -40,6 +37,7 @@ from resumax.pipeline.stream_checks import (
     watch_windows,
 )
 from resumax.sources.base import DataPosition, RecordSource
+from resumax.sources.record_ref import RecordRef
 from resumax.sources.state_files import StateFileCheckpointable
 from resumax.stages.operators import OperatorStates
 from resumax.stages.transforms import BatchMap, Filter, Operator, as_stage
@@ -54,7 +52,7 @@ DEFAULT_PREFETCH = 2
 
 # Not a JAX pytree: Orbax v1 rebuilds the pytrees it loads into, so it would restore a copy
 # and leave this pipeline where it was.
-class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
+class Pipeline(PipelineState, StateFileCheckpointable, nnx.Module, pytree=False):
     """Batches of a source's records after per-record and per-batch stages.
 
     Args:
@@ -156,6 +154,16 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
             read_ahead_limit=self.source.read_ahead_limit(),
         )
         self._active = ActiveIterator()
+        self._jumps: tuple[Jump, ...] = ()
+        self._batch_records = BatchRecords(
+            source,
+            self._record_path,
+            packing,
+            batch_size,
+            (self.process_index, self.process_count),
+            drop_remainder=self.drop_remainder,
+            has_filter=self._has_filter,
+        )
 
     def _make_worker_recipe(self) -> Callable[[], RecordPath]:
         """What each worker runs once: open the source again and build its RecordPath.
@@ -335,6 +343,47 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
         if delivery.batch is not None:
             self.batches_emitted.set_position(self.batches_emitted.get_raw_value() + 1)
 
+    # Provenance and skips -----------------------------------------------------------------------
+
+    def records_of_batch(
+        self, batch_number: int, *, all_processes: bool = False
+    ) -> list[list[RecordRef]]:
+        """The records that form batch `batch_number`, one list per row of the batch.
+
+        Batches are numbered as the state's `batches_emitted` counts them: 0 is the first batch
+        of the run, skipped batches are not counted, and the batch may lie before or after the
+        pipeline's position. A plain row is one record; a `PackSequences` row lists every
+        record packed into it, in order. `all_processes=True` gives the rows of the global
+        batch (every process's slice, in process order); the default, this process's rows.
+
+        Nothing is read but, with PackSequences, the windows between the pipeline's position
+        and the batch (re-packed as a restore does). A Filter makes the answer depend on the
+        data: ConfigError. A batch past the end of a finite stream: ConfigError.
+        """
+        return self._batch_records.records_of_batch(
+            batch_number, all_processes, self._batch_line(), self.packed_rows.get_value()
+        )
+
+    def skip(self, num_batches: int) -> None:
+        """Moves ahead so that the next batch delivered is the one that would have come
+        `num_batches` batches later; the skipped batches are never read. O(1).
+
+        The state records the skip (merged with one made just before), so a resume is exact and
+        `records_of_batch` keeps its numbering. A live iterator is ended first: iterate again.
+        Every process of a multi-process run must make the same skip. With a Filter (or, for
+        now, PackSequences): ConfigError.
+        """
+        line = self._batch_line()
+        stop = self._batch_records.skip_target(num_batches, line)
+        if num_batches == 0:
+            return
+        self._active.close()
+        jump = Jump(
+            line.emitted, num_batches, line.position, stop, self.batch_size, self.process_count
+        )
+        self._jumps = tuple(add_jump(list(self._jumps), jump))
+        self.source.seek(*divmod(stop, self.source.records_per_epoch))
+
     def close(self) -> None:
         """Ends the live iterator (its workers and prefetch thread) and closes the source."""
         self._active.close()
@@ -345,64 +394,3 @@ class Pipeline(StateFileCheckpointable, nnx.Module, pytree=False):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-    # State ------------------------------------------------------------------------------------
-
-    def get_state(self) -> dict[str, Any]:
-        """JSON-serialisable state: the source's position plus what the pipeline owns.
-
-        Prefetched or in-flight batches are not stored: they are recomputed on resume. With
-        PackSequences, "packing" holds its settings, the window the source is at and the rows
-        already delivered from it.
-        """
-        state = {
-            "version": PIPELINE_STATE_VERSION,
-            "source": self.source.get_state(),
-            "batches_emitted": self.batches_emitted.get_value(),
-            "batch_size": self.batch_size,
-            "rng_seed": self.rng_seed,
-            "process_count": self.process_count,
-        }
-        if self.operator_states:
-            state["operators"] = self.operator_states.to_json()
-        if self._packing is not None:
-            window_index = self._global_position() // self._packing.window
-            state["packing"] = self._packing.get_state(window_index, self.packed_rows.get_value())
-        return state
-
-    def _global_position(self) -> int:
-        epoch, index = self.source.position
-        return epoch * self.source.records_per_epoch + index
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Restores `get_state()` output; raises StateMismatchError naming any differing field.
-
-        A live iterator of this pipeline is ended first: it would go on from the old position.
-        """
-        self._active.close()
-        batches = check_pipeline_state(state, self.rng_seed, packs=self._packing is not None)
-        if self._has_filter and self._packing is None:
-            check_filter_layout(state, self.process_count, self.batch_size)
-        operators = self.operator_states.parse(state.get("operators"))
-        before = self.source.get_state()
-        self.source.set_state(state["source"])
-        if self._packing is not None:
-            try:
-                self._set_packing_state(state)
-            except StateMismatchError:
-                self.source.set_state(before)
-                raise
-        self.batches_emitted.set_value(batches)
-        self.operator_states.restore(operators)
-
-    def _set_packing_state(self, state: dict[str, Any]) -> None:
-        """Checks the saved packing against this pipeline and sets the rows delivered."""
-        num_epochs = self.source.config.num_epochs
-        end = None if num_epochs == -1 else num_epochs * self.source.records_per_epoch
-        # A source that restores into another state (a mixture with new weights) would
-        # re-pack the current window from other records than the ones already delivered.
-        source_changed = self.source.get_state() != state["source"]
-        rows = self._packing.check_state(
-            state.get("packing"), self._global_position(), end, source_changed
-        )
-        self.packed_rows.set_value(rows)

@@ -154,6 +154,10 @@ class ArrayRecordSourceModule(RecordSource):
         epoch, index = self.position
         return epoch * self.records_per_epoch + index
 
+    def locate(self, record_indices: Sequence[int]) -> list[tuple[str | None, int]]:
+        """(file or URL, record inside it) of each dataset index."""
+        return [self._files.locate(int(index)) for index in record_indices]
+
     def file_record_counts(self) -> Sequence[int]:
         """Records of each file, in the order of `paths`."""
         return self._resolved.counts

@@ -17,6 +17,7 @@ from flax import nnx
 
 from resumax import order
 from resumax.errors import ConfigError, DataSourceError, StateMismatchError
+from resumax.sources.record_ref import RecordRef
 from resumax.sources.state_files import StateFileCheckpointable
 from resumax.sources.window_order import WindowOrder
 
@@ -259,6 +260,23 @@ class RecordSource(StateFileCheckpointable, nnx.Module, pytree=False):
             self._order_cache.put(epoch, first_block, block)
         offset = first_block * ORDER_BLOCK
         return block[start - offset : stop - offset]
+
+    # Provenance -------------------------------------------------------------------------------
+
+    def locate(self, record_indices: Sequence[int]) -> list[tuple[str | None, int]]:
+        """(file or URL, record inside it) of each dataset index; (None, index) without files."""
+        return [(None, int(index)) for index in record_indices]
+
+    def record_refs(self, positions: Sequence[int]) -> list[RecordRef]:
+        """The records at global positions (epoch * records_per_epoch + index), named from the
+        order alone: nothing is read."""
+        refs = []
+        for position in positions:
+            epoch, offset = divmod(int(position), self.records_per_epoch)
+            index = int(self.record_indices(epoch, offset, offset + 1)[0])
+            ((path, record),) = self.locate([index])
+            refs.append(RecordRef(int(position), epoch, index, None, path, record))
+        return refs
 
     def __iter__(self) -> Iterator[Any]:
         """Yields records from the current position to the end of the last epoch, advancing it."""

@@ -18,6 +18,7 @@ from resumax.errors import ConfigError, StateMismatchError
 from resumax.sources import mixture_reads
 from resumax.sources import mixture_schedule as schedule
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
+from resumax.sources.record_ref import RecordRef
 
 # Fields of a component's state that say which records it orders, and how.
 _COMPONENT_IDENTITY = ("fingerprint", "num_records", "seed", "shuffle", "shuffle_window")
@@ -241,6 +242,11 @@ class MixtureSource(RecordSource):
         if position < 0:
             raise IndexError(f"mixture positions are >= 0, got {position}")
         return self.read_records(self.record_indices(0, position, position + 1))[0]
+
+    def record_refs(self, positions: Sequence[int]) -> list[RecordRef]:
+        """The records at mixture positions, named by component, the component's own epoch and
+        dataset index, and file; nothing is read."""
+        return mixture_reads.record_refs(self, positions)
 
     def spans_ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
         """Each span once every component is ready for its draws (remote shards fetched)."""

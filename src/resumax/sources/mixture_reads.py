@@ -1,6 +1,7 @@
 """A mixture's spans made ready by its components: each span of mixture positions becomes, per
 component, the span of that component's draws, which the component prepares (a remote component
-fetches and pins its shards) before the mixture span is read.
+fetches and pins its shards) before the mixture span is read; and the records of mixture positions
+named by component.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from resumax.sources.base import RecordSource
+from resumax.sources.record_ref import RecordRef
 
 
 class Mixture(Protocol):
@@ -92,3 +94,19 @@ def read_ahead_limit(mixture: Mixture, shares: Sequence[int]) -> int | None:
         if limit is not None:
             limits.append(limit * total // max(share, 1))
     return min(limits) if limits else None
+
+
+def record_refs(mixture: Any, positions: Sequence[int]) -> list[RecordRef]:
+    """The records at mixture positions: each record id (see `MixtureSource.record_indices`)
+    decoded into its component, the component's epoch and dataset index, then its file."""
+    refs = []
+    count = len(mixture.names)
+    for position in positions:
+        (record_id,) = mixture.record_indices(0, int(position), int(position) + 1).tolist()
+        component, draw = record_id % count, record_id // count
+        name = mixture.names[component]
+        source = mixture.components[name]
+        epoch, index = divmod(draw, source.records_per_epoch)
+        ((path, record),) = source.locate([index])
+        refs.append(RecordRef(int(position), epoch, index, name, path, record))
+    return refs

@@ -69,11 +69,28 @@ class PackSequences:
 
     def pack(self, chunk: Any) -> Rows:
         """The rows of one window from its kept records (a RecordPath `Chunk`), first-fit."""
-        pieces = []
+        num_rows, placements, _ = self._place(chunk)
+        return self._write_rows(num_rows, placements)
+
+    def row_positions(self, chunk: Any) -> list[list[int]]:
+        """The global positions of the records packed into each row of the window, in order
+        (a record split over several rows is listed in each)."""
+        num_rows, placements, positions = self._place(chunk)
+        rows: list[list[int]] = [[] for _ in range(num_rows)]
+        for (row, _, _), position in zip(placements, positions, strict=True):
+            if not rows[row] or rows[row][-1] != position:
+                rows[row].append(position)
+        return rows
+
+    def _place(self, chunk: Any) -> tuple[int, list, list[int]]:
+        """(rows, (row, offsets, tokens) of each piece, position of each piece's record)."""
+        pieces, positions = [], []
         for example, position in zip(
             chunk.examples_between(0, len(chunk)), chunk.positions.tolist(), strict=True
         ):
-            pieces.extend(self._pieces(example, position))
+            record_pieces = self._pieces(example, position)
+            pieces.extend(record_pieces)
+            positions.extend([position] * len(record_pieces))
         width = len(self.fields)
         used = np.zeros((max(len(pieces), 1), width), dtype=np.int64)
         placements = []
@@ -85,7 +102,7 @@ class PackSequences:
             num_rows = max(num_rows, row + 1)
             placements.append((row, used[row].copy(), tokens))
             used[row] += lengths
-        return self._write_rows(num_rows, placements)
+        return num_rows, placements, positions
 
     def _pieces(self, example: Any, position: int) -> list[list[np.ndarray]]:
         """The record's fields as int32 token arrays, cut to `length` or split into pieces."""
