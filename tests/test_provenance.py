@@ -19,7 +19,7 @@ from resumax import (
     Pipeline,
     RecordRef,
 )
-from resumax.errors import ConfigError
+from resumax.errors import ConfigError, StateMismatchError
 from tests.conftest import assert_batches_equal, make_examples, take
 from tests.test_packing import token_records
 
@@ -213,3 +213,39 @@ def test_a_filter_or_a_batch_past_the_end_is_refused_with_a_reason(id_shards):
         finite.records_of_batch(9)
     with pytest.raises(ConfigError, match="num_batches"):
         finite.skip(-1)
+
+
+def test_packed_skip_resumes_exactly_and_keeps_the_numbering(token_set):
+    plain = take(iter(packed(token_set)), 14)
+    pipeline = packed(token_set)
+    got = take(iter(pipeline), 2)
+    pipeline.skip(5)
+    got += take(iter(pipeline), 3)
+    assert_batches_equal(got, plain[:2] + plain[7:10])
+    [skip] = pipeline.skips
+    assert (skip["batch"], skip["batches"]) == (2, 5) and len(skip["rows"]) == 2
+    resumed = packed(token_set)
+    resumed.set_state(pipeline.get_state())
+    assert_batches_equal(take(iter(resumed), 4), plain[10:14])
+    for n, batch in enumerate(got):
+        refs = resumed.records_of_batch(n)
+        assert [[ref.index for ref in row] for row in refs] == row_record_ids(batch)
+
+
+def test_packed_rows_of_two_processes_are_their_slices_of_the_global_batch(token_set):
+    pipelines = [packed(token_set, process_index=i, process_count=2) for i in range(2)]
+    delivered = [take(iter(p), 4) for p in pipelines]
+    for n in range(4):
+        refs = pipelines[1].records_of_batch(n, all_processes=True)
+        expected = row_record_ids(delivered[0][n]) + row_record_ids(delivered[1][n])
+        assert [[ref.index for ref in row] for row in refs] == expected
+
+
+def test_a_corrupt_skips_field_is_refused_by_name(id_shards):
+    pipeline = shuffled(id_shards)
+    take(iter(pipeline), 1)
+    pipeline.skip(2)
+    state = pipeline.get_state()
+    state["skips"][0]["positions"] = [8, "11"]
+    with pytest.raises(StateMismatchError, match="'skips'"):
+        shuffled(id_shards).set_state(state)

@@ -148,3 +148,36 @@ def packed_batch_rows(
             offset -= len(window_list)
         window += 1
     return found
+
+
+class PackedWindows:
+    """The rows of packed windows as lists of record positions, re-packed on demand (reads the
+    window's records) and kept for the life of this object: one question's worth."""
+
+    def __init__(self, record_path: RecordPath, packing: PackSequences, end: int | None):
+        self.record_path = record_path
+        self.packing = packing
+        self.end = end
+        self.last_window = None if end is None else (end - 1) // packing.window
+        self._rows: dict[int, list[list[int]]] = {}
+
+    def rows(self, index: int) -> list[list[int]]:
+        if index not in self._rows:
+            first = index * self.packing.window
+            stop = first + self.packing.window
+            if self.end is not None:
+                stop = min(stop, self.end)
+            self._rows[index] = self.packing.row_positions(self.record_path((first, stop)))
+        return self._rows[index]
+
+    def advance(self, window: int, rows_delivered: int, num_rows: int) -> tuple[int, int]:
+        """(window, rows delivered from it) `num_rows` rows after (window, rows_delivered);
+        (the window after the last, 0) when a finite stream ends first."""
+        offset = rows_delivered + num_rows
+        while self.last_window is None or window <= self.last_window:
+            count = len(self.rows(window))
+            if offset < count:
+                return window, offset
+            offset -= count
+            window += 1
+        return window, 0

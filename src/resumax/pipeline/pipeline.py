@@ -366,23 +366,23 @@ class Pipeline(PipelineState, StateFileCheckpointable, nnx.Module, pytree=False)
 
     def skip(self, num_batches: int) -> None:
         """Moves ahead so that the next batch delivered is the one that would have come
-        `num_batches` batches later; the skipped batches are never read. O(1).
+        `num_batches` batches later; the skipped batches are never read (without packing, O(1)).
 
         The state records the skip (merged with one made just before), so a resume is exact and
         `records_of_batch` keeps its numbering. A live iterator is ended first: iterate again.
-        Every process of a multi-process run must make the same skip. With a Filter (or, for
-        now, PackSequences): ConfigError.
+        Every process of a multi-process run must make the same skip. With PackSequences the
+        windows skipped over are re-packed (read) to count their rows. With a Filter:
+        ConfigError.
         """
-        line = self._batch_line()
-        stop = self._batch_records.skip_target(num_batches, line)
+        packed_rows = self.packed_rows.get_value()
+        jump = self._batch_records.skip(num_batches, self._batch_line(), packed_rows)
         if num_batches == 0:
             return
         self._active.close()
-        jump = Jump(
-            line.emitted, num_batches, line.position, stop, self.batch_size, self.process_count
-        )
         self._jumps = tuple(add_jump(list(self._jumps), jump))
-        self.source.seek(*divmod(stop, self.source.records_per_epoch))
+        self.source.seek(*divmod(jump.stop, self.source.records_per_epoch))
+        if jump.rows is not None:
+            self.packed_rows.set_position(jump.rows[1])
 
     def close(self) -> None:
         """Ends the live iterator (its workers and prefetch thread) and closes the source."""

@@ -5,6 +5,7 @@ pipeline owns (batches delivered, operators, the packing window, skips), as a mi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from resumax.errors import StateMismatchError
@@ -91,7 +92,11 @@ class PipelineState:
         if saved != (self.batch_size, self.process_count) and batches:
             # Resumed on another layout: batches before this point were counted in the old one.
             position = self._global_position()
-            jumps = add_jump(jumps, Jump(batches, 0, position, position, *saved))
+            jump = Jump(batches, 0, position, position, *saved)
+            if self._packing is not None:
+                rows = self.packed_rows.get_value()
+                jump = dataclasses.replace(jump, rows=(rows, rows))
+            jumps = add_jump(jumps, jump)
         self._jumps = tuple(jumps)
 
     def _set_packing_state(self, state: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from resumax.errors import ConfigError, StateMismatchError
-from resumax.pipeline.packing import packed_batch_rows
+from resumax.pipeline.packing import PackedWindows, packed_batch_rows
 from resumax.pipeline.record_path import RecordPath
 from resumax.sources.base import RecordSource
 from resumax.sources.record_ref import RecordRef
@@ -28,7 +28,8 @@ class Jump:
 
     A skip of `batches` batches jumps over positions [first, stop); a resume on another process
     layout (`batches` 0) jumps nowhere but changes the layout. `batch_size` and
-    `process_count` are the layout before the jump.
+    `process_count` are the layout before the jump. With PackSequences, positions are window
+    starts and `rows` the rows delivered from those windows (before, after).
     """
 
     batch: int
@@ -37,6 +38,7 @@ class Jump:
     stop: int
     batch_size: int
     process_count: int
+    rows: tuple[int, int] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -49,13 +51,22 @@ class Jump:
             "positions": [self.first, self.stop - 1],
             "batch_size": self.batch_size,
             "process_count": self.process_count,
-        }
+        } | ({} if self.rows is None else {"rows": list(self.rows)})
 
     @staticmethod
     def from_json(entry: Any) -> Jump:
         """A Jump from its JSON form; StateMismatchError naming what is wrong."""
         fields = ("batch", "batches", "positions", "batch_size", "process_count")
-        if not isinstance(entry, dict) or sorted(entry) != sorted(fields):
+        rows = entry.get("rows") if isinstance(entry, dict) else None
+        if rows is not None and (
+            not isinstance(rows, list)
+            or len(rows) != 2
+            or any(type(v) is not int or v < 0 for v in rows)
+        ):
+            raise StateMismatchError(
+                f"pipeline state field 'skips' holds {entry!r}; its rows must be two ints >= 0"
+            )
+        if not isinstance(entry, dict) or sorted(set(entry) - {"rows"}) != sorted(fields):
             raise StateMismatchError(
                 f"pipeline state field 'skips' holds {entry!r}; each entry is a dict with the "
                 f"fields {list(fields)}"
@@ -65,15 +76,16 @@ class Jump:
         numbers = [entry["batch"], entry["batches"], *layout]
         if isinstance(positions, list) and len(positions) == 2:
             numbers += positions
-        if len(numbers) != 6 or any(type(v) is not int or v < 0 for v in numbers):
+        if len(numbers) != 6 or any(type(v) is not int for v in numbers) or min(numbers[:5]) < 0:
             raise StateMismatchError(
                 f"pipeline state field 'skips' holds {entry!r}; batch, batches, batch_size, "
-                "process_count and both positions must be ints >= 0"
+                "process_count and the positions [first, last] must be ints, all but last >= 0"
             )
         first, last = positions
         if min(layout) < 1 or last < first - 1:
             raise StateMismatchError(f"pipeline state field 'skips' holds {entry!r}")
-        return Jump(entry["batch"], entry["batches"], first, last + 1, *layout)
+        jump = Jump(entry["batch"], entry["batches"], first, last + 1, *layout)
+        return jump if rows is None else dataclasses.replace(jump, rows=tuple(rows))
 
 
 def parse_jumps(value: Any) -> list[Jump]:
@@ -102,7 +114,10 @@ def add_jump(jumps: list[Jump], jump: Jump) -> list[Jump]:
             and last.stop == jump.first
             and (last.batch_size, last.process_count) == (jump.batch_size, jump.process_count)
         ):
-            merged = dataclasses.replace(last, batches=last.batches + jump.batches, stop=jump.stop)
+            rows = None if last.rows is None else (last.rows[0], jump.rows[1])
+            merged = dataclasses.replace(
+                last, batches=last.batches + jump.batches, stop=jump.stop, rows=rows
+            )
             return [*jumps[:-1], merged]
     return [*jumps, jump]
 
@@ -228,52 +243,55 @@ class BatchRecords:
     def _packed_records(
         self, batch_number: int, all_processes: bool, line: BatchLine, packed_rows: int
     ) -> list[list[RecordRef]]:
-        if line.jumps:
-            raise ConfigError(
-                "records_of_batch with PackSequences counts rows from the pipeline's position; "
-                "this state has skips or a change of process count, across which packed rows "
-                "cannot be counted"
-            )
         if not isinstance(batch_number, int) or isinstance(batch_number, bool) or batch_number < 0:
             raise ConfigError(f"batch_number must be an int >= 0, got {batch_number!r}")
         window = self.packing.window
-        end = self.end()
-        windows: dict[int, list[list[int]]] = {}
-
-        def window_rows(index: int) -> list[list[int]]:
-            if index not in windows:
-                first = index * window
-                stop = first + window if end is None else min(first + window, end)
-                windows[index] = self.packing.row_positions(self.record_path((first, stop)))
-            return windows[index]
-
-        first_row = 0 if all_processes else self.process_index * self.batch_size
-        stop_row = self.global_batch if all_processes else first_row + self.batch_size
-        last_window = None if end is None else (end - 1) // window
+        # Rows are counted from the nearest point whose (window, rows) the state knows: the
+        # pipeline's position, or the point where the first jump after the batch left.
+        anchor = (line.position // window, packed_rows, self.global_batch)
+        emitted, batch_size, process_count = line.emitted, self.batch_size, self.process_count
+        for jump in line.jumps:
+            if batch_number < jump.batch:
+                anchor = (jump.first // window, jump.rows[0], jump.global_batch)
+                emitted, batch_size, process_count = jump.batch, jump.batch_size, jump.process_count
+                break
+        if self.process_index >= process_count and not all_processes:
+            return []  # this process did not exist then
+        first_row = 0 if all_processes else self.process_index * batch_size
+        stop_row = anchor[2] if all_processes else first_row + batch_size
+        windows = PackedWindows(self.record_path, self.packing, self.end())
         try:
             rows = packed_batch_rows(
-                window_rows,
-                (line.position // window, packed_rows, self.global_batch),
-                batch_number - line.emitted,
+                windows.rows,
+                anchor,
+                batch_number - emitted,
                 (first_row, stop_row),
-                last_window,
-                self.keep_last,
+                windows.last_window,
+                self.keep_last and process_count == 1,
             )
         except ConfigError as error:
             raise ConfigError(f"batch {batch_number}: {error}") from None
         refs = iter(self.source.record_refs([p for row in rows for p in row]))
         return [[next(refs) for _ in row] for row in rows]
 
-    def skip_target(self, num_batches: int, line: BatchLine) -> int:
-        """The global position `num_batches` batches after the pipeline's (checked)."""
+    def skip(self, num_batches: int, line: BatchLine, packed_rows: int) -> Jump:
+        """The jump `num_batches` batches ahead of the pipeline (checked; not yet made).
+
+        Without packing it is computed; with PackSequences the windows it passes over are
+        packed (their records read) to count their rows."""
         self.check_no_filter("skip")
         if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 0:
             raise ConfigError(f"num_batches must be an int >= 0, got {num_batches!r}")
-        if self.packing is not None:
-            raise ConfigError(
-                "skip with PackSequences is not supported yet: packed rows per window vary, so "
-                "the batch num_batches ahead is found only by packing every window in between"
-            )
-        stop = line.position + num_batches * self.global_batch
         end = self.end()
-        return stop if end is None else min(stop, end)
+        layout = (self.batch_size, self.process_count)
+        if self.packing is None:
+            stop = line.position + num_batches * self.global_batch
+            stop = stop if end is None else min(stop, end)
+            return Jump(line.emitted, num_batches, line.position, stop, *layout)
+        window = self.packing.window
+        windows = PackedWindows(self.record_path, self.packing, end)
+        first = line.position // window
+        last, rows = windows.advance(first, packed_rows, num_batches * self.global_batch)
+        stop = last * window if end is None else min(last * window, end)
+        jump = Jump(line.emitted, num_batches, line.position, stop, *layout)
+        return dataclasses.replace(jump, rows=(packed_rows, rows))
