@@ -111,6 +111,8 @@ class TrainConfig:
 
     num_steps: int = 1000
     log_every: int = 10
+    # Also write each metrics.jsonl line to TensorBoard event files in <run_dir>/tensorboard/.
+    tensorboard: bool = False
     eval_every: int = 200
     checkpoint_every: int = 100
     run_dir: str = "runs/digits"

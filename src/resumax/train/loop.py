@@ -271,7 +271,11 @@ def train(config: Config) -> TrainResult:
                     print(f"resumed from step {resumed_from}", flush=True)
                 if run.primary:
                     record_config(train_config.run_dir, config)
-                    metrics = MetricsLog(train_config.run_dir, resumed_from or 0)
+                    metrics = MetricsLog(
+                        train_config.run_dir,
+                        resumed_from or 0,
+                        tensorboard=train_config.tensorboard,
+                    )
                 step, preempted = run.loop(resumed_from or 0, metrics, watch)
                 if step > 0:
                     run.save(step)

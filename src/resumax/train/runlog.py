@@ -1,4 +1,5 @@
-"""A run's outputs: `metrics.jsonl` (one JSON line per logged step), `config.yaml`, `loss.png`.
+"""A run's outputs: `metrics.jsonl` (one JSON line per logged step), `config.yaml`, `loss.png`, and
+with train.tensorboard the same lines as TensorBoard event files.
 
 On resume the log is cut back to the restored step and the resumed process rewrites what follows,
 so after any sequence of kills the file holds exactly one line per logged step, in step order.
@@ -38,10 +39,13 @@ class MetricsLog:
 
     Opening it at `restored_step` keeps the lines of steps <= restored_step and drops the rest
     (they came from a process that died before its next checkpoint); the file is replaced
-    atomically, so a kill during the cut leaves either the old or the new file.
+    atomically, so a kill during the cut leaves either the old or the new file. With `tensorboard`
+    each line also goes to `<run_dir>/tensorboard/` (see `TensorBoardLog`), cut the same way.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, restored_step: int):
+    def __init__(
+        self, run_dir: str | os.PathLike, restored_step: int, *, tensorboard: bool = False
+    ):
         self.path = os.path.join(os.fspath(run_dir), METRICS_FILE)
         kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= restored_step]
         partial = f"{self.path}.partial"
@@ -49,14 +53,25 @@ class MetricsLog:
             file.writelines(json.dumps(line) + "\n" for line in kept)
         os.replace(partial, self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._tensorboard = None
+        if tensorboard:
+            # Imported on demand: tensorboardX's import loads boto3 and google.cloud.storage
+            # when they are installed (half a second), and most runs go without it.
+            from resumax.train.tensorboard import TensorBoardLog
+
+            self._tensorboard = TensorBoardLog(run_dir, restored_step)
 
     def write(self, line: dict[str, Any]) -> None:
         """Appends one line and flushes it to the OS, so a kill -9 right after keeps it."""
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
+        if self._tensorboard is not None:
+            self._tensorboard.write(line)
 
     def close(self) -> None:
         self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 def record_config(run_dir: str, config: Config) -> None:
