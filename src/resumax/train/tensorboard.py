@@ -1,5 +1,5 @@
 """TensorBoard event files beside `metrics.jsonl`: each metrics line's numbers as scalars and each
-event line as text, written synchronously with tensorboardX's record writer (no TensorFlow).
+event line as text, in tensorboardX's protocol buffers (no TensorFlow).
 
 Every file starts with a SessionLog START at the restored step + 1, so TensorBoard drops what a
 dead process logged after the checkpoint it resumed from, as `MetricsLog` cuts `metrics.jsonl`.
@@ -7,25 +7,24 @@ dead process logged after the checkpoint it resumed from, as `MetricsLog` cuts `
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
+import socket
+import struct
 import time
 from typing import Any
 
-from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.plugin_text_pb2 import TextPluginData
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboardX.proto.tensor_pb2 import TensorProto
 from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboardX.record_writer import masked_crc32c
 
 from resumax.errors import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
 EVENTS_TAG = "events"
-_EVENT_FILE_TIME = re.compile(r"events\.out\.tfevents\.(\d{10})\.")
 _TEXT_METADATA = SummaryMetadata(
     plugin_data=SummaryMetadata.PluginData(
         plugin_name="text", content=TextPluginData(version=0).SerializeToString()
@@ -51,19 +50,12 @@ def _text_value(tag: str, text: str) -> Summary.Value:
     return Summary.Value(tag=tag, tensor=tensor, metadata=_TEXT_METADATA)
 
 
-def _start_after_existing_files(directory: str) -> None:
-    """Waits, if needed, until the clock second is past every event file's in `directory`.
-
-    Event files are named by the second they were opened in and TensorBoard reads them in name
-    order; a second file opened in the same second would share the name and truncate the first.
-    """
-    opened = [
-        int(match[1])
-        for path in glob.glob(os.path.join(directory, "events.out.tfevents.*"))
-        if (match := _EVENT_FILE_TIME.match(os.path.basename(path)))
-    ]
-    while opened and time.time() < max(opened) + 1:
-        time.sleep(max(opened) + 1 - time.time())
+def _new_file_name(directory: str) -> str:
+    """`events.out.tfevents.<unix seconds>.<files before it>.<host>`: TensorBoard reads a
+    directory's event files in name order, so a file opened later sorts later, even within the
+    same second (an in-process reopen)."""
+    earlier = sum("tfevents" in name for name in os.listdir(directory))
+    return f"events.out.tfevents.{int(time.time()):010d}.{earlier:06d}.{socket.gethostname()}"
 
 
 class TensorBoardLog:
@@ -71,30 +63,35 @@ class TensorBoardLog:
 
     Each line becomes one event at the line's step: its numbers as scalars tagged with their
     metrics.jsonl keys, and, for a line with an "event" key, the line's JSON as text tagged
-    "events". Each line is flushed to the OS once written, as `metrics.jsonl` is.
+    "events". Each event is flushed to the OS as it is written, as `metrics.jsonl`'s lines are,
+    so a kill -9 loses none; like them it is not fsynced.
     """
 
     def __init__(self, run_dir: str | os.PathLike, restored_step: int):
         self.directory = os.path.join(os.fspath(run_dir), TENSORBOARD_DIR)
         try:
             os.makedirs(self.directory, exist_ok=True)
-            _start_after_existing_files(self.directory)
-            self._writer = EventsWriter(os.path.join(self.directory, "events"))
+            self.path = os.path.join(self.directory, _new_file_name(self.directory))
+            self._file = open(self.path, "xb")  # noqa: SIM115 (closed by close())
         except OSError as error:
             raise ConfigError(
                 f"train.tensorboard: cannot write event files in {self.directory!r}: {error}; "
                 "make it a writable directory or set train.tensorboard=false"
             ) from error
-        purge = Event(
-            wall_time=time.time(),
-            step=restored_step + 1,
-            session_log=SessionLog(status=SessionLog.START),
-        )
-        self._writer.write_event(purge)
-        self._writer.flush()
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        start = SessionLog(status=SessionLog.START)
+        self._write(Event(wall_time=time.time(), step=restored_step + 1, session_log=start))
+
+    def _write(self, event: Event) -> None:
+        """Appends one TFRecord (length, its masked CRC-32C, the event, its CRC) and flushes."""
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        crcs = struct.pack("<I", masked_crc32c(header)), struct.pack("<I", masked_crc32c(data))
+        self._file.write(header + crcs[0] + data + crcs[1])
+        self._file.flush()
 
     def write(self, line: dict[str, Any]) -> None:
-        """Appends the event of one metrics line and flushes it."""
+        """Appends the event of one metrics line."""
         # simple_value, a float32, is the scalar every TensorBoard loader reads (its Rust data
         # server keeps float32 only); metrics.jsonl keeps the float64.
         values = [
@@ -102,9 +99,7 @@ class TensorBoardLog:
         ]
         if "event" in line:
             values.append(_text_value(EVENTS_TAG, json.dumps(line)))
-        event = Event(wall_time=time.time(), step=line["step"], summary=Summary(value=values))
-        self._writer.write_event(event)
-        self._writer.flush()
+        self._write(Event(wall_time=time.time(), step=line["step"], summary=Summary(value=values)))
 
     def close(self) -> None:
-        self._writer.close()
+        self._file.close()
