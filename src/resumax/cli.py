@@ -1,8 +1,9 @@
 """The `resumax` command: `inspect` prints what a set of ArrayRecord files (resumax or
-tf.train.Example records) or a TFDS dataset directory holds, `convert` writes an .npz file's rows
-as ArrayRecord shards, `index` writes the shard index of a set made by other tools, `profile`
-shows where a pipeline's time goes, and `train` runs the reference training loop from a YAML
-config with `key=value` overrides."""
+tf.train.Example records) or a TFDS dataset directory holds, `convert` writes JSON Lines,
+Parquet, CSV, TFRecord, image folder, Hugging Face or .npz inputs as ArrayRecord shards, `index`
+writes the shard index of a set made by other tools, `profile` shows where a pipeline's time
+goes, and `train` runs the reference training loop from a YAML config with `key=value`
+overrides."""
 
 from __future__ import annotations
 
@@ -11,34 +12,15 @@ import json
 import os
 import sys
 
-import numpy as np
-
-from resumax import records
-from resumax.errors import CheckpointError, ConfigError, DataSourceError, ResumaxError
-from resumax.records import indexing, shard_index
+from resumax.convert import cli as convert_cli
+from resumax.errors import CheckpointError, ConfigError, ResumaxError
+from resumax.records import indexing
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 from resumax.tools import summary
 
 
 def _inspect(args: argparse.Namespace) -> int:
     print(json.dumps(summary.describe(args.paths, args.storage_options), indent=2))
-    return 0
-
-
-def _convert(args: argparse.Namespace) -> int:
-    try:
-        with np.load(args.npz, allow_pickle=False) as arrays:
-            columns = {name: arrays[name] for name in arrays.files}
-    except (OSError, ValueError) as error:
-        raise DataSourceError(f"cannot read {args.npz!r} as an .npz of arrays: {error}") from error
-    rows = records.ArrayRows(columns)
-    paths = records.write_shards(
-        args.prefix, rows, args.shards, storage_options=args.storage_options
-    )
-    print(f"wrote {len(rows)} records with fields {sorted(columns)} to {len(paths)} files:")
-    for path in paths:
-        print(f"  {path}")
-    print(f"and their index {shard_index.index_path(args.prefix)}")
     return 0
 
 
@@ -150,17 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("paths", nargs="+")
     _add_storage_options(inspect)
     inspect.set_defaults(run=_inspect)
-    convert = commands.add_parser(
-        "convert", help="write the rows of an .npz file's arrays as ArrayRecord shards"
-    )
-    convert.add_argument("npz", help="an .npz whose arrays all have one row per record")
-    convert.add_argument(
-        "prefix",
-        help="output prefix, a path or URL (s3://bucket/train): PREFIX-00000-of-0000N.array_record",
-    )
-    convert.add_argument("--shards", type=_positive_int, default=1, help="number of files")
-    _add_storage_options(convert)
-    convert.set_defaults(run=_convert)
+    convert_cli.add_parser(commands, _add_storage_options)
     index = commands.add_parser(
         "index",
         help="write the shard index (PREFIX.index.json) of an existing set made by other tools "
@@ -201,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, pipeline_options = convert_cli.split_pipeline_options(
+        sys.argv[1:] if argv is None else argv
+    )
     args = build_parser().parse_args(argv)
+    args.pipeline_options = pipeline_options
     try:
         return args.run(args)
     except ResumaxError as error:

@@ -113,7 +113,7 @@ def upload_set(
                 "did another writer replace it? The set has no index; write it again"
             )
         entries.append((name, count, size, object_mtime_ns(info), content))
-    upload_index(entries, index_url, storage_options)
+    upload_index(entries, index_url, storage_options, local_index.get("metadata"))
 
 
 def _local_stem(shard_path: str) -> str:
@@ -142,11 +142,14 @@ def _listing(fs: Any, keys: Sequence[str], index_url: str) -> dict[str, Mapping[
 
 
 def upload_index(
-    entries: Sequence[tuple], index_url: str, storage_options: storage.StorageOptions = None
+    entries: Sequence[tuple],
+    index_url: str,
+    storage_options: storage.StorageOptions = None,
+    metadata: dict | None = None,
 ) -> None:
     """Writes the index of `entries` (`shard_index.index_entry` fields, without inodes for a
-    remote set) to `index_url`, through a local temporary file."""
+    remote set) and `metadata` to `index_url`, through a local temporary file."""
     with tempfile.TemporaryDirectory(prefix="resumax-index-") as directory:
         local = os.path.join(directory, index_url.rpartition("/")[2])
-        shard_index.write_index(local, entries)
+        shard_index.write_index(local, entries, metadata)
         upload_file(local, index_url, storage_options)

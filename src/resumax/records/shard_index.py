@@ -188,13 +188,16 @@ _COLUMNS = ("names", "num_records", "sizes", "mtime_ns", "content_hashes")
 INODES = "inodes"
 
 
-def write_index(path: str, entries: Sequence[tuple]) -> None:
+def write_index(path: str, entries: Sequence[tuple], metadata: dict | None = None) -> None:
     """Writes an index file at `path`: JSON with one list per column (fast to load for 10^5
-    shards), in the order of `index_entry`'s fields (the inodes only when every entry has one)."""
+    shards), in the order of `index_entry`'s fields (the inodes only when every entry has one),
+    then `metadata` (JSON values describing the set, e.g. what `resumax convert` read), if any."""
     payload: dict = {"format": INDEX_FORMAT, "version": INDEX_VERSION}
     columns = (*_COLUMNS, INODES) if all(len(e) > len(_COLUMNS) for e in entries) else _COLUMNS
     for position, column in enumerate(columns):
         payload[column] = [entry[position] for entry in entries]
+    if metadata is not None:
+        payload["metadata"] = metadata
     with open(path, "w") as file:
         json.dump(payload, file, separators=(",", ":"))
 

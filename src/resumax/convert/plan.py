@@ -1,0 +1,84 @@
+"""The plan of a conversion, made before any shard is written: the units in order, their record
+counts, the bad records to skip, the number of shards and the index metadata.
+
+The counts come from each format's cheap count (line counts, Parquet metadata, TFRecord framing,
+...). A full pass that reads and encodes every record is made first only when the plan needs
+it: `--shard-size` (the number of shards follows from the encoded bytes) or `--skip-bad` (the
+records skipped must be known before the shards are cut, and they go into the metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from resumax.convert.formats import Reader
+from resumax.convert.stream import BadLimit, encoded_items
+from resumax.convert.values import BadRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a conversion writes; picklable, so Beam workers follow the planner's plan."""
+
+    units: tuple[str, ...]
+    counts: tuple[int, ...]  # input records of each unit, bad ones included
+    bad_counts: tuple[int, ...]  # bad records of each unit to skip
+    num_shards: int
+    metadata: dict[str, Any]
+
+    @property
+    def num_records(self) -> int:
+        """The records written: the units' records less the bad ones."""
+        return sum(self.counts) - sum(self.bad_counts)
+
+    def bounds(self) -> np.ndarray:
+        """Shard k holds records bounds[k]..bounds[k+1]-1, as `write_shards` cuts them."""
+        return np.linspace(0, self.num_records, self.num_shards + 1).astype(int)
+
+    def first_indices(self) -> list[int]:
+        """The global index of each unit's first good record."""
+        good = np.asarray(self.counts, dtype=np.int64) - np.asarray(self.bad_counts, np.int64)
+        return [0, *np.cumsum(good)[:-1].tolist()] if len(good) else []
+
+
+def make_plan(
+    reader: Reader, inputs: Sequence[str], seen: Callable[[int], None] | None = None
+) -> Plan:
+    """The plan of converting `inputs` with `reader` (its options included); `seen(n)` counts
+    the records of a full pass, for a progress bar."""
+    options = reader.options
+    units = reader.units(inputs)
+    skipped: list[BadRecord] = []
+    if options.needs_full_pass():
+        limit = BadLimit(options.skip_bad)
+        counts, bad_counts, encoded_bytes = [], [], 0
+        for unit in units:
+            count = bad = 0
+            for item in encoded_items(reader, unit):
+                count += 1
+                if isinstance(item, BadRecord):
+                    limit.add(item)
+                    bad += 1
+                else:
+                    encoded_bytes += len(item)
+            counts.append(count)
+            bad_counts.append(bad)
+            if seen is not None:
+                seen(count)
+        skipped = limit.found
+    else:
+        counts = [reader.count(unit) for unit in units]
+        bad_counts, encoded_bytes = [0] * len(units), 0
+    num_shards = options.shards_for(encoded_bytes)
+    metadata = {
+        "converted_from": options.format,
+        "sources": reader.sources(units, counts),
+        "options": {**options.describe(), "shards": num_shards},
+        "skipped": [{"where": bad.where, "reason": bad.reason} for bad in skipped],
+        **reader.metadata(),
+    }
+    return Plan(tuple(units), tuple(counts), tuple(bad_counts), num_shards, metadata)
