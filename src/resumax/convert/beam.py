@@ -1,0 +1,190 @@
+"""Apache Beam (the optional extra `resumax[beam]`): `WriteShards`, a PTransform that writes a
+PCollection of `(global_index, record)` as a shard set with its index, and the Beam engine of
+`resumax convert`. The files and index are byte-identical to the local engine's.
+
+Shard k holds the records whose global index falls in `bounds[k]..bounds[k+1]-1` (the cut of
+`write_shards`), sorted by index: no random keys, nothing depends on bundle boundaries or the
+number of workers. Each shard is written by one worker under a fixed temporary name (a retried
+bundle overwrites its own attempt); one final step writes the index and renames the set.
+Shards are grouped whole on one worker, so a worker needs a shard's encoded size in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+
+from resumax.convert import shards
+from resumax.convert.formats import Reader
+from resumax.convert.plan import Plan
+from resumax.convert.stream import BadLimit, encoded_items
+from resumax.convert.values import BadRecord
+from resumax.errors import DataSourceError
+from resumax.records.codec import encode
+from resumax.records.writers import shard_paths
+
+
+@functools.lru_cache(maxsize=16)
+def _bounds(num_records: int, num_shards: int) -> np.ndarray:
+    return np.linspace(0, num_records, num_shards + 1).astype(int)
+
+
+def _encoded(pair: tuple[int, Any]) -> tuple[int, bytes]:
+    index, record = pair
+    return int(index), record if isinstance(record, bytes) else encode(record)
+
+
+def _key_by_shard(
+    pair: tuple[int, bytes], num_shards: int, num_records: int
+) -> tuple[int, tuple[int, bytes]]:
+    index = pair[0]
+    if not 0 <= index < num_records:
+        raise DataSourceError(
+            f"WriteShards got the global index {index}, outside 0..{num_records - 1} (the "
+            "indices must run over 0..N-1 for N records)"
+        )
+    shard = int(np.searchsorted(_bounds(num_records, num_shards), index, side="right")) - 1
+    return shard, pair
+
+
+def _write_shard(
+    keyed: tuple[int, Iterable[tuple[int, bytes]]],
+    prefix: str,
+    num_shards: int,
+    num_records: int,
+    resume: bool,
+) -> int:
+    shard, pairs = keyed
+    ordered = sorted(pairs, key=lambda pair: pair[0])
+    start, stop = _bounds(num_records, num_shards)[shard : shard + 2]
+    indices = [index for index, _ in ordered]
+    if indices != list(range(start, stop)):
+        wrong = next(
+            (i for i, index in zip(range(start, stop), indices, strict=False) if i != index), stop
+        )
+        raise DataSourceError(
+            f"WriteShards: shard {shard} must hold the global indices {start}..{stop - 1} once "
+            f"each, but index {wrong} is missing or repeated ({len(indices)} records)"
+        )
+    shards.write_shard(prefix, shard, num_shards, (data for _, data in ordered), resume)
+    return shard
+
+
+def _commit(
+    written: list[int],
+    prefix: str,
+    num_shards: int,
+    num_records: int,
+    metadata: dict | None,
+    resume: bool,
+) -> list[str]:
+    bounds = _bounds(num_records, num_shards)
+    for shard in sorted(set(range(num_shards)) - set(written)):
+        if bounds[shard + 1] > bounds[shard]:
+            raise DataSourceError(f"WriteShards: shard {shard} of {prefix!r} was not written")
+        shards.write_shard(prefix, shard, num_shards, [], resume)  # empty: nothing grouped
+    return shards.commit(prefix, num_shards, metadata)
+
+
+class WriteShards(beam.PTransform):
+    """Writes a PCollection of `(global_index, record)` pairs as the shard set
+    `prefix-NNNNN-of-MMMMM.array_record` with its index `prefix.index.json`.
+
+    Args:
+      prefix: the output prefix, on a filesystem every worker and the final step share.
+      num_shards: the number of shards; the records are cut as `write_shards` cuts them.
+      num_records: N, when known; otherwise the pairs are counted in the pipeline.
+      metadata: JSON values to put into the index (`resumax convert` records its sources).
+      resume: keep the shards an earlier attempt completed with the same records.
+
+    `global_index` must run over 0..N-1, each once; a record is a dict (encoded with
+    `resumax.records.encode`) or bytes already encoded. The output PCollection holds the list
+    of shard paths, once the set is committed.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        num_shards: int,
+        *,
+        num_records: int | None = None,
+        metadata: dict | None = None,
+        resume: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+        self.prefix = str(prefix)
+        self.num_shards = num_shards
+        self.num_records = num_records
+        self.metadata = metadata
+        self.resume = resume
+
+    def expand(self, pairs: beam.PCollection) -> beam.PCollection:
+        encoded = pairs | "Encode" >> beam.Map(_encoded)
+        total: Any = self.num_records
+        if total is None:
+            total = beam.pvalue.AsSingleton(encoded | "Count" >> beam.combiners.Count.Globally())
+        written = (
+            encoded
+            | "KeyByShard" >> beam.Map(_key_by_shard, self.num_shards, total)
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard"
+            >> beam.Map(_write_shard, self.prefix, self.num_shards, total, self.resume)
+        )
+        return (
+            written
+            | "Written" >> beam.combiners.ToList()
+            | "Commit"
+            >> beam.Map(_commit, self.prefix, self.num_shards, total, self.metadata, self.resume)
+        )
+
+
+def _read_unit(
+    numbered: tuple[int, str], reader: Reader, plan: Plan, first_indices: list[int]
+) -> Iterator[tuple[int, bytes]]:
+    """The (global index, encoded record) pairs of one unit of the plan."""
+    number, unit = numbered
+    limit = BadLimit(reader.options.skip_bad)
+    index = first_indices[number]
+    for item in encoded_items(reader, unit):
+        if isinstance(item, BadRecord):
+            limit.add(item)
+            continue
+        yield index, item
+        index += 1
+    expected = plan.counts[number] - plan.bad_counts[number]
+    if index - first_indices[number] != expected:
+        raise DataSourceError(
+            f"{unit} held {expected} good records when counted but "
+            f"{index - first_indices[number]} when read: did it change during the conversion?"
+        )
+
+
+def write_beam(
+    reader: Reader, plan: Plan, prefix: str, resume: bool, pipeline_options: list[str]
+) -> list[str]:
+    """Runs the plan on Beam with `pipeline_options` (command-line style); returns the paths."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    first_indices = plan.first_indices()
+    with beam.Pipeline(options=PipelineOptions(pipeline_options)) as pipeline:
+        _ = (
+            pipeline
+            | "Units" >> beam.Create(list(enumerate(plan.units)))
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.FlatMap(_read_unit, reader, plan, first_indices)
+            | "WriteShards"
+            >> WriteShards(
+                prefix,
+                plan.num_shards,
+                num_records=plan.num_records,
+                metadata=plan.metadata,
+                resume=resume,
+            )
+        )
+    return shard_paths(prefix, plan.num_shards)
