@@ -2,8 +2,8 @@
 tf.train.Example records) or a TFDS dataset directory holds, `convert` writes JSON Lines,
 Parquet, CSV, TFRecord, image folder, Hugging Face or .npz inputs as ArrayRecord shards, `index`
 writes the shard index of a set made by other tools, `profile` shows where a pipeline's time
-goes, and `train` runs the reference training loop from a YAML config with `key=value`
-overrides."""
+goes, `train` runs the reference training loop from a YAML config with `key=value` overrides
+(and rewinds it past bad data), and `state` / `batches` name the records a run's steps read."""
 
 from __future__ import annotations
 
@@ -40,8 +40,11 @@ def _train(args: argparse.Namespace) -> int:
     from resumax.train.loop import train
     from resumax.train.preemption import INTERRUPTED_EXIT_STATUS, ignore_stop_signals_until_exit
 
+    if (args.rewind_to is None) != (args.skip_batches is None):
+        raise ConfigError("--rewind-to STEP and --skip-batches K go together; give both")
+    rewind = None if args.rewind_to is None else (args.rewind_to, args.skip_batches)
     try:
-        result = train(load_config(args.config, args.overrides))
+        result = train(load_config(args.config, args.overrides), rewind=rewind)
     except (CheckpointError, KeyboardInterrupt) as error:
         # A failed or aborted save can leave Orbax's threads waiting for a commit that never
         # comes, which would block the interpreter's exit: report and end the process now.
@@ -54,6 +57,22 @@ def _train(args: argparse.Namespace) -> int:
     if result.preempted:
         ignore_stop_signals_until_exit()
     return INTERRUPTED_EXIT_STATUS if result.interrupted else 0
+
+
+def _state(args: argparse.Namespace) -> int:
+    from resumax.train.data_commands import state_command
+
+    print(state_command(args.path, args.step, args.json))
+    return 0
+
+
+def _batches(args: argparse.Namespace) -> int:
+    from resumax.train.config import load_config
+    from resumax.train.data_commands import batches_command
+
+    config = load_config(args.config, args.overrides)
+    print(batches_command(config, args.step, args.count, args.json, args.show))
+    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -98,6 +117,12 @@ def _positive_float(text: str) -> float:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
     return int(text)
 
 
@@ -168,7 +193,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", required=True, help="YAML file, e.g. configs/digits.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_steps=500")
+    train.add_argument(
+        "--rewind-to",
+        type=_non_negative_int,
+        metavar="STEP",
+        help="restore the newest checkpoint at or before STEP, set later checkpoints and metrics "
+        "aside in <run_dir>/abandoned/, and (with --skip-batches) skip batches; once",
+    )
+    train.add_argument("--skip-batches", type=_non_negative_int, metavar="K")
     train.set_defaults(run=_train)
+    state = commands.add_parser(
+        "state",
+        help="print the data state saved in a run's checkpoint: dataset, position, skips, the "
+        "records of the next batch (reads no model)",
+    )
+    state.add_argument("path", help="a run directory or its checkpoint directory")
+    state.add_argument("--step", type=_non_negative_int, help="default: the latest step")
+    state.add_argument("--json", action="store_true", help="one JSON object")
+    state.set_defaults(run=_state)
+    batches = commands.add_parser(
+        "batches",
+        help="print the records that training steps N..N+K-1 of a config's run train on",
+    )
+    batches.add_argument("--config", required=True, help="YAML file of the run")
+    batches.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    batches.add_argument("--step", type=_positive_int, required=True, metavar="N")
+    batches.add_argument("--count", type=_positive_int, default=1, metavar="K")
+    batches.add_argument("--json", action="store_true", help="a JSON list of {step, rows}")
+    batches.add_argument(
+        "--show", action="store_true", help="decode the records: fields, shapes, a preview"
+    )
+    batches.set_defaults(run=_batches)
     return parser
 
 
@@ -176,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     argv, pipeline_options = convert_cli.split_pipeline_options(
         sys.argv[1:] if argv is None else argv
     )
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (`train --config C --rewind-to 5 k=v`).
+    if extra and hasattr(args, "overrides") and all("=" in e[1:] for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.pipeline_options = pipeline_options
     try:
         return args.run(args)

@@ -142,7 +142,9 @@ class ClassifierTask:
         if data.prepare == "digits" and prepare_digits(data.dir):
             print(f"prepared the digits data set in {data.dir}", flush=True)
 
-    def build_pipeline(self, sharding: jax.sharding.Sharding | None) -> Pipeline:
+    def build_pipeline(
+        self, sharding: jax.sharding.Sharding | None, *, process_count: int | None = None
+    ) -> Pipeline:
         """Training batches (`data.batch_size` records per process), and the test split's.
 
         Raises ConfigError if a label of the first records is outside [0, model.num_classes);
@@ -170,6 +172,7 @@ class ClassifierTask:
             sharding=sharding,
             num_workers=data.num_workers,
             prefetch=data.prefetch,
+            **distributed.process_override(process_count),
         )
 
     def build_model(self) -> nnx.Module:

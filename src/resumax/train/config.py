@@ -106,6 +106,18 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass
+class SpikeRecoveryConfig:
+    """`train.spike_recovery`: a step whose loss is non-finite or above `factor` x the median
+    of the previous `window` steps' losses restores the latest checkpoint and skips the batches
+    from it through the spike, plus `skip_batches` more; after `max_recoveries` the run stops."""
+
+    factor: float = 4.0
+    window: int = 50
+    skip_batches: int = 100
+    max_recoveries: int = 3
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Length of the run, how often to log, evaluate and checkpoint, and where outputs go."""
 
@@ -115,6 +127,8 @@ class TrainConfig:
     tensorboard: bool = False
     eval_every: int = 200
     checkpoint_every: int = 100
+    # null: a NaN stops the run (exit 2); see SpikeRecoveryConfig.
+    spike_recovery: SpikeRecoveryConfig | None = None
     run_dir: str = "runs/digits"
     checkpoint_dir: str = "${train.run_dir}/checkpoints"
     max_to_keep: int = 3
@@ -349,6 +363,14 @@ def _validate_train(train: TrainConfig) -> None:
     _require(0 <= train.seed <= _MAX_SEED, "train.seed", "between 0 and 2**32-1", train.seed)
     for key in ("run_dir", "checkpoint_dir"):
         _require(bool(getattr(train, key)), f"train.{key}", "a non-empty path", getattr(train, key))
+    spike = train.spike_recovery
+    if spike is not None:
+        _require(spike.factor > 1, "train.spike_recovery.factor", "> 1", spike.factor)
+        for key in ("window", "max_recoveries"):
+            value = getattr(spike, key)
+            _require(value > 0, f"train.spike_recovery.{key}", "> 0", value)
+        key = "train.spike_recovery.skip_batches"
+        _require(spike.skip_batches >= 0, key, ">= 0", spike.skip_batches)
     if train.num_processes is not None:
         _require(train.num_processes > 0, "train.num_processes", "> 0", train.num_processes)
     if train.process_id is not None:

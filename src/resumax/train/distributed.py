@@ -83,3 +83,9 @@ def barrier(name: str) -> None:
     """Waits until every process reaches the barrier `name` (no-op with one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def process_override(process_count: int | None) -> dict[str, int]:
+    """Pipeline keywords that make this process stand for process 0 of `process_count` (for
+    `resumax state` / `batches`, which read a run's data in one process); none when None."""
+    return {} if process_count is None else {"process_index": 0, "process_count": process_count}

@@ -15,6 +15,7 @@ from resumax.errors import DataSourceError
 from resumax.pipeline import Pipeline
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule, MixtureSource
 from resumax.stages import PackSequences
+from resumax.train import distributed
 from resumax.train.config import Config, ModelConfig
 from resumax.train.text_data import prepare_stdlib_text
 
@@ -131,7 +132,9 @@ class LanguageModelTask:
         config = ArrayRecordSourceConfig(seed=data.seed, shuffle_files=data.shuffle_files)
         return MixtureSource(config, corpora, dict(data.weights))
 
-    def build_pipeline(self, sharding: jax.sharding.Sharding | None) -> Pipeline:
+    def build_pipeline(
+        self, sharding: jax.sharding.Sharding | None, *, process_count: int | None = None
+    ) -> Pipeline:
         """Packed rows of `data.sequence_length` tokens, `data.batch_size` rows per process."""
         data = self.config.data
         packing = PackSequences(data.sequence_length, [FIELD], window=data.window, long="split")
@@ -143,6 +146,7 @@ class LanguageModelTask:
             sharding=sharding,
             num_workers=data.num_workers,
             prefetch=data.prefetch,
+            **distributed.process_override(process_count),
         )
 
     def build_model(self) -> nnx.Module:

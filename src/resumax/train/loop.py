@@ -28,6 +28,14 @@ from resumax.train.classifier import ClassifierTask
 from resumax.train.config import Config, OptimizerConfig
 from resumax.train.lm import LanguageModelTask
 from resumax.train.preemption import PreemptionWatch
+from resumax.train.recovery import (
+    LossWatch,
+    log_rewind,
+    recover,
+    replay_skips,
+    set_aside_for_rewind,
+    skip_events,
+)
 from resumax.train.resume_checks import check_same_data, check_same_model
 from resumax.train.run_lock import RunLock
 from resumax.train.runlog import METRICS_FILE, MetricsLog, plot_metrics, read_metrics, record_config
@@ -117,6 +125,13 @@ class _Run:
             self.place = functools.partial(distributed.replicate, mesh=mesh)
             self.state = self.place(self.state)
         self.loss_guard = FiniteLossGuard()
+        spike = train.spike_recovery
+        self.loss_watch = LossWatch(spike) if spike is not None else None
+        # Where a recovery with no checkpoint yet goes back to: the state before step 1.
+        self.initial = None
+        if spike is not None:
+            self.initial = (checkpoint_tree(self.state), self.pipeline.get_state())
+        self.metrics: MetricsLog | None = None
         self.train_step, self.eval_step = self.task.make_steps(self.graphdef)
         self.primary = jax.process_index() == 0
         os.makedirs(train.run_dir, exist_ok=True)
@@ -132,22 +147,24 @@ class _Run:
         self.saved_step: int | None = None
 
     def restore_latest(self) -> int | None:
-        """Restores params, optimizer state and data position of the latest committed step."""
+        """Restores params, optimizer state and data position of the latest committed step (and
+        the skips logged at that step, made after it was saved)."""
         step = self.manager.latest_step()
         if step is None:
+            replay_skips(self.pipeline, skip_events(self.config.train.run_dir, 0))
             return None
         step_dir = self.manager.directory / str(step)
         check_same_model(step_dir, checkpoint_tree(self.state))
         data = self.config.data
         check_same_data(step_dir, self.pipeline.get_state(), {"data.train_paths": data.train_paths})
+        items = {
+            "state": ocp.args.StandardRestore(checkpoint_tree(self.state)),
+            "data": CheckpointRestore(self.pipeline),
+        }
+        if self.loss_watch is not None and (step_dir / "loss_watch").is_dir():
+            items["loss_watch"] = ocp.args.JsonRestore()
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(checkpoint_tree(self.state)),
-                    data=CheckpointRestore(self.pipeline),
-                ),
-            )
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except ResumaxError:
             raise
         except Exception as error:
@@ -157,6 +174,9 @@ class _Run:
             ) from error
         pure = {0: restored.state["model"], 1: restored.state["optimizer"]}
         nnx.replace_by_pure_dict(self.state, pure)
+        if self.loss_watch is not None:
+            self.loss_watch.restore(restored.get("loss_watch"))
+        replay_skips(self.pipeline, skip_events(self.config.train.run_dir, step))
         self.saved_step = step
         return step
 
@@ -165,10 +185,13 @@ class _Run:
         if step == self.saved_step:
             return
         self.loss_guard.check(self.saved_step)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(checkpoint_tree(self.state)),
-            data=CheckpointSave(self.pipeline),
-        )
+        items = {
+            "state": ocp.args.StandardSave(checkpoint_tree(self.state)),
+            "data": CheckpointSave(self.pipeline),
+        }
+        if self.loss_watch is not None:
+            items["loss_watch"] = ocp.args.JsonSave(self.loss_watch.to_json())
+        args = ocp.args.Composite(**items)
         # Orbax's save waits for the previous one anyway; waiting first names the failed step.
         previous = f"committing step {self.saved_step}"
         checkpoint_call(self.manager, previous, self.manager.wait_until_finished)
@@ -195,9 +218,7 @@ class _Run:
             line.update(self.task.evaluate(self.eval_step, self.state, self.place))
         return line
 
-    def loop(
-        self, start: int, metrics: MetricsLog | None, watch: PreemptionWatch
-    ) -> tuple[int, bool]:
+    def loop(self, start: int, watch: PreemptionWatch) -> tuple[int, bool]:
         """Trains from step `start`; returns (last step, whether preemption stopped it).
 
         Checks for preemption before each step, so the step it returns is fully applied.
@@ -222,14 +243,22 @@ class _Run:
                 )
                 step += 1
                 self.loss_guard.observe(step, loss)
+                if self.loss_watch is not None:
+                    reason = self.loss_watch.trigger(float(distributed.host_array(loss)))
+                    if reason is not None:
+                        step = mark_step = recover(self, step, reason)
+                        batches = iter(self.pipeline)
+                        bar.n = step
+                        bar.refresh()
+                        continue
                 bar.update(1)
                 line = self.metrics_line(step, loss, step_metrics)
                 if line is not None:
                     seconds, waits = timer.lap()
                     rates = self.task.throughput(step - mark_step, seconds)
                     line.update(rates, **waits, resumed=resumed)
-                    if metrics is not None:
-                        metrics.write(line)
+                    if self.metrics is not None:
+                        self.metrics.write(line)
                     postfix = {name: f"{rate:.0f}" for name, rate in rates.items()}
                     bar.set_postfix(
                         loss=f"{line['loss']:.4f}",
@@ -242,7 +271,7 @@ class _Run:
         return step, False
 
 
-def train(config: Config) -> TrainResult:
+def train(config: Config, rewind: tuple[int, int] | None = None) -> TrainResult:
     """Runs (or resumes) the configured training to `train.num_steps`, or until SIGTERM / Ctrl-C.
 
     Before step 1 it checks that the output directories are writable and the labels fit the
@@ -250,7 +279,11 @@ def train(config: Config) -> TrainResult:
     its pid). Prints "resumed from step N" when it restores a checkpoint. On SIGTERM or a first
     Ctrl-C it saves the current step, waits for the commit and returns with `preempted=True`
     (`interrupted=True` for Ctrl-C). A failed save raises CheckpointError and a NaN or infinite
-    loss NonFiniteLossError; either way the latest committed step is a finite, complete one.
+    loss NonFiniteLossError (unless `train.spike_recovery` recovers from it); either way the
+    latest committed step is a finite, complete one.
+    `rewind=(step, num_batches)`: first restore the newest checkpoint at or before `step`, set
+    the later checkpoints and metrics lines aside in `<run_dir>/abandoned/`, and skip
+    `num_batches` batches (see `resumax.train.recovery`).
     Must run on the main thread (it installs the signal handlers).
     """
     train_config = config.train
@@ -261,22 +294,25 @@ def train(config: Config) -> TrainResult:
     check_output_dirs(config)
     lock = RunLock(train_config.run_dir) if jax.process_index() == 0 else None
     watch = PreemptionWatch()
-    run = metrics = None
+    run = None
     try:
         with orbax_errors_contained():
             try:
+                reached = set_aside_for_rewind(config, rewind[0]) if rewind is not None else None
                 run = _Run(config)
                 resumed_from = run.restore_latest()
                 if resumed_from is not None:
                     print(f"resumed from step {resumed_from}", flush=True)
                 if run.primary:
                     record_config(train_config.run_dir, config)
-                    metrics = MetricsLog(
+                    run.metrics = MetricsLog(
                         train_config.run_dir,
                         resumed_from or 0,
                         tensorboard=train_config.tensorboard,
                     )
-                step, preempted = run.loop(resumed_from or 0, metrics, watch)
+                if rewind is not None:
+                    log_rewind(run.pipeline, run.metrics, resumed_from or 0, reached, rewind[1])
+                step, preempted = run.loop(resumed_from or 0, watch)
                 if step > 0:
                     run.save(step)
             except (CheckpointError, KeyboardInterrupt):
@@ -290,8 +326,8 @@ def train(config: Config) -> TrainResult:
             run.close()
         return _finish(run, step, resumed_from, preempted, watch)
     finally:
-        if metrics is not None:
-            metrics.close()
+        if run is not None and run.metrics is not None:
+            run.metrics.close()
         if lock is not None:
             lock.close()
         watch.close()
@@ -308,7 +344,7 @@ def _finish(
         step=step,
         resumed_from=resumed_from,
         preempted=preempted,
-        final_loss=lines[-1]["loss"] if lines else None,
+        final_loss=next((m["loss"] for m in reversed(lines) if "loss" in m), None),
         params_sha256=params_sha256(checkpoint_tree(run.state)),
         interrupted=preempted and watch.interrupted,
     )

@@ -99,7 +99,8 @@ def plot_metrics(run_dir: str | os.PathLike) -> str:
     """Draws training loss (and eval accuracy, if logged) against step into `<run_dir>/loss.png`.
 
     Lines with `"resumed": true` (the first line each resumed process wrote) are marked with a
-    vertical line. Returns the path of the image; it is replaced atomically.
+    dashed vertical line, event lines (a rewind, a spike recovery) with a dotted one at the step
+    training went back to. Returns the path of the image; it is replaced atomically.
     """
     import matplotlib
 
@@ -107,7 +108,8 @@ def plot_metrics(run_dir: str | os.PathLike) -> str:
     from matplotlib import pyplot
 
     run_dir = os.fspath(run_dir)
-    lines = read_metrics(os.path.join(run_dir, METRICS_FILE))
+    everything = read_metrics(os.path.join(run_dir, METRICS_FILE))
+    lines = [m for m in everything if "loss" in m]
     figure, loss_axis = pyplot.subplots(figsize=(8, 4.5))
     loss_axis.plot([m["step"] for m in lines], [m["loss"] for m in lines], lw=1, label="train loss")
     loss_axis.set_xlabel("step")
@@ -117,6 +119,10 @@ def plot_metrics(run_dir: str | os.PathLike) -> str:
         loss_axis.axvline(
             step, color="tab:red", ls="--", lw=1, label="resumed" if not index else ""
         )
+    events = [m for m in everything if "event" in m]
+    for index, event in enumerate(events):
+        label = "rewind / spike recovery (skipped data)" if not index else ""
+        loss_axis.axvline(event["step"], color="tab:purple", ls=":", lw=1.5, label=label)
     evals = [m for m in lines if "eval_accuracy" in m]
     if evals:
         accuracy_axis = loss_axis.twinx()
