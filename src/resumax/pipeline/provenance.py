@@ -259,7 +259,7 @@ class BatchRecords:
             return []  # this process did not exist then
         first_row = 0 if all_processes else self.process_index * batch_size
         stop_row = anchor[2] if all_processes else first_row + batch_size
-        windows = PackedWindows(self.record_path, self.packing, self.end())
+        windows = PackedWindows(self._own_record_path(), self.packing, self.end())
         try:
             rows = packed_batch_rows(
                 windows.rows,
@@ -273,6 +273,11 @@ class BatchRecords:
             raise ConfigError(f"batch {batch_number}: {error}") from None
         refs = iter(self.source.record_refs([p for row in rows for p in row]))
         return [[next(refs) for _ in row] for row in rows]
+
+    def _own_record_path(self) -> RecordPath:
+        """A RecordPath of this caller's own: the pipeline's may be busy in its prefetch thread."""
+        path = self.record_path
+        return RecordPath(path.source, path.record_stages, path.rng_seed)
 
     def skip(self, num_batches: int, line: BatchLine, packed_rows: int) -> Jump:
         """The jump `num_batches` batches ahead of the pipeline (checked; not yet made).
@@ -289,7 +294,7 @@ class BatchRecords:
             stop = stop if end is None else min(stop, end)
             return Jump(line.emitted, num_batches, line.position, stop, *layout)
         window = self.packing.window
-        windows = PackedWindows(self.record_path, self.packing, end)
+        windows = PackedWindows(self._own_record_path(), self.packing, end)
         first = line.position // window
         last, rows = windows.advance(first, packed_rows, num_batches * self.global_batch)
         stop = last * window if end is None else min(last * window, end)

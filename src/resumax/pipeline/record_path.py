@@ -39,6 +39,7 @@ class RecordPath:
     ):
         self.source = source
         self.record_stages = list(record_stages)
+        self.rng_seed = rng_seed
         self._producer = record_producer(self.record_stages)
         self._catch = BaseException if in_worker else Exception
         self._rngs = {
