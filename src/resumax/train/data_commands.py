@@ -65,7 +65,7 @@ def build_pipeline(config: Config, state: dict[str, Any] | None) -> Pipeline:
 
     task = make_task(config)
     process_count = state.get("process_count", 1) if state is not None else None
-    pipeline = task.build_pipeline(None, process_count=process_count)
+    pipeline = task.build_pipeline(None, process_count=process_count, check_data=False)
     if state is not None:
         pipeline.set_state(state)
     return pipeline

@@ -133,9 +133,16 @@ class LanguageModelTask:
         return MixtureSource(config, corpora, dict(data.weights))
 
     def build_pipeline(
-        self, sharding: jax.sharding.Sharding | None, *, process_count: int | None = None
+        self,
+        sharding: jax.sharding.Sharding | None,
+        *,
+        process_count: int | None = None,
+        check_data: bool = True,
     ) -> Pipeline:
-        """Packed rows of `data.sequence_length` tokens, `data.batch_size` rows per process."""
+        """Packed rows of `data.sequence_length` tokens, `data.batch_size` rows per process.
+
+        `process_count` makes this process stand for process 0 of that many (for `resumax
+        state` / `batches`); there is no data check to skip (`check_data`)."""
         data = self.config.data
         packing = PackSequences(data.sequence_length, [FIELD], window=data.window, long="split")
         return Pipeline(
