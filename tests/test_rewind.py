@@ -160,3 +160,13 @@ def test_spike_recovery_skips_a_poisoned_block_and_finishes(tmp_path, poisoned_d
     assert set(POISONED) <= skipped
     losses = [line["loss"] for line in read_metrics(run / "metrics.jsonl") if "loss" in line]
     assert len(losses) == 40 and all(np.isfinite(losses))
+
+
+def test_spike_recovery_gives_up_after_max_recoveries_naming_them(tmp_path, poisoned_dir):
+    recovery = "train.spike_recovery={window: 5, skip_batches: 4, max_recoveries: 1}"
+    training = train_run(tmp_path / "run", poisoned_dir, 40, "data.shuffle_files=false", recovery)
+    assert training.wait()[0] == 2
+    message = training.stderr_path.read_text()
+    assert (
+        "SpikeRecoveryError" in message and "after 1 spike recoveries (from steps [21]" in message
+    )
