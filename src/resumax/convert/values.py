@@ -32,47 +32,63 @@ class RecordError(ValueError):
     """Raised by value conversion for one record; readers turn it into a BadRecord."""
 
 
+def _int64(value: int) -> np.int64:
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"holds {value}, outside the int64 range")
+    return np.int64(value)
+
+
+def _str(value: str) -> str:
+    return value
+
+
 def json_value(name: str, value: Any) -> Any:
     """A JSON value (from json.loads or a typed CSV cell) as a record value."""
-    if isinstance(value, bool):
-        return np.bool_(value)
-    if isinstance(value, int):
-        if not _INT64[0] <= value <= _INT64[1]:
-            raise RecordError(f"field {name!r} holds {value}, outside the int64 range")
-        return np.int64(value)
-    if isinstance(value, float):
-        return np.float64(value)
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return _list_array(name, value)
-    if value is None:
-        raise RecordError(f"field {name!r} is null")
-    raise RecordError(
-        f"field {name!r} holds a {type(value).__name__} (a nested object); a record field "
-        "must be a number, a string or a list of numbers: flatten it, or leave it out with "
-        "--fields"
-    )
+    convert = _CONVERTERS.get(type(value))  # defined below, with the list converter
+    if convert is None:
+        if value is None:
+            raise RecordError(f"field {name!r} is null; give --fill-null VALUE to replace nulls")
+        raise RecordError(
+            f"field {name!r} holds a {type(value).__name__} (a nested object); a record field "
+            "must be a number, a string or a list of numbers: flatten it, or leave it out with "
+            "--fields"
+        )
+    try:
+        return convert(value)
+    except ValueError as error:
+        raise RecordError(f"field {name!r} {error}") from None
 
 
-def _list_array(name: str, value: list) -> np.ndarray:
+def _list_array(value: list) -> np.ndarray:
     try:
         array = np.asarray(value)
     except ValueError as error:
-        raise RecordError(f"field {name!r} holds a ragged list: {error}") from None
+        raise ValueError(f"holds a ragged list: {error}") from None
     kind = array.dtype.kind
     if kind == "i":
-        return array.astype(np.int64)
+        return array.astype(np.int64, copy=False)
+    if kind == "f":
+        return array.astype(np.float64, copy=False)
+    if kind == "b":
+        return array
     if kind == "u":
-        raise RecordError(f"field {name!r} holds integers outside the int64 range")
-    if kind in "fb":
-        return array.astype(np.float64) if kind == "f" else array
+        raise ValueError("holds integers outside the int64 range")
     if kind == "U" and all(isinstance(item, str) for item in array.flat):
         return array
-    raise RecordError(
-        f"field {name!r} holds a list mixing types or holding nulls or objects "
-        f"({str(value)[:60]}); a list must hold only numbers or only strings"
+    raise ValueError(
+        f"holds a list mixing types or holding nulls or objects ({str(value)[:60]}); a list "
+        "must hold only numbers or only strings"
     )
+
+
+# By exact type, the most common first: one dict lookup per value.
+_CONVERTERS: dict[type, Callable[[Any], Any]] = {
+    int: _int64,
+    float: np.float64,
+    str: _str,
+    bool: np.bool_,
+    list: _list_array,
+}
 
 
 def csv_value(text: str) -> Any:
@@ -95,17 +111,15 @@ def make_record(
     """The record of one input row: `options.fields` (all fields, in input order, when None),
     each converted by `convert(name, value)`; nulls replaced by `options.fill_null` or refused.
     RecordError names a missing field or a null."""
+    if options.fields is None and options.fill_null is None:
+        return {name: convert(name, value) for name, value in raw.items()}
     names = options.fields if options.fields is not None else raw.keys()
     record = {}
     for name in names:
         if name not in raw:
             raise RecordError(f"has no field {name!r} (it has {sorted(raw)})")
         value = raw[name]
-        if value is None:
-            if options.fill_null is None:
-                raise RecordError(
-                    f"field {name!r} is null; give --fill-null VALUE to replace nulls"
-                )
+        if value is None and options.fill_null is not None:
             value = options.fill_value()
         record[name] = convert(name, value)
     return record

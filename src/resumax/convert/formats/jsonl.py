@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from resumax.convert.formats.base import Item, Reader
 from resumax.convert.values import BadRecord, RecordError, json_value, make_record
 
+_DECODER = json.JSONDecoder()
+
 
 class JsonLinesReader(Reader):
     def count(self, unit: str) -> int:
@@ -21,8 +23,8 @@ class JsonLinesReader(Reader):
                 if not line.strip():
                     continue
                 try:
-                    raw = json.loads(line)
-                except ValueError as error:
+                    raw = _DECODER.decode(line.decode())
+                except ValueError as error:  # UnicodeDecodeError included
                     yield BadRecord(f"{unit}, line {number}", f"not JSON: {error}")
                     continue
                 if not isinstance(raw, dict):

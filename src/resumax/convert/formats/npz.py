@@ -3,6 +3,7 @@ pickle); `--fields` keeps some arrays."""
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,26 @@ class NpzReader(Reader):
         return ArrayRows(columns)
 
     def count(self, unit: str) -> int:
-        return len(self._rows(unit))
+        """The rows of the first array, from its header alone (`read` checks the others)."""
+        try:
+            with self.open(unit) as file, zipfile.ZipFile(file) as archive:
+                names = [name for name in archive.namelist() if name.endswith(".npy")]
+                wanted = [f"{field}.npy" for field in self.options.fields or ()]
+                with archive.open((wanted or names)[0]) as array:
+                    major, _ = np.lib.format.read_magic(array)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if major == 1
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape = read_header(array)[0]
+        except (OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile) as error:
+            raise DataSourceError(f"cannot read {unit!r} as an .npz of arrays: {error}") from error
+        if not shape:
+            raise DataSourceError(
+                f"{unit!r}: its arrays must have one row per record (a 0-d array)"
+            )
+        return int(shape[0])
 
     def read(self, unit: str) -> Iterator[Item]:
         rows = self._rows(unit)

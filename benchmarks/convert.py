@@ -1,0 +1,201 @@
+"""`resumax convert` throughput per input format: the local engine and Apache Beam with 2 worker
+processes, against the format's own reader followed by `write_shards`.
+
+Run: `.venv/bin/python benchmarks/convert.py [--records 100000] [--formats jsonl,csv,...]` (about
+6 minutes on 2 cores). Each format's input is 4 files (an image folder: 4 class directories; a
+Hugging Face dataset: one directory) of records like `tests/convert_inputs.py` writes (an id, a
+short text, a float, a pair of floats; 4x4 PNGs for images), written once into a temporary
+directory. Every conversion writes 8 shards. The baseline reads with the format's own library
+(json, csv, pyarrow, PIL-free file reads, datasets, numpy; for TFRecord, which has no reader
+without TensorFlow, a plain framing loop and `resumax.TFExample`), builds the same records and
+calls `write_shards`. Beam runs on FnApiRunner with `direct_num_workers=2`,
+`direct_running_mode=multi_processing`, on the input and on a tenth of it: the difference gives
+its records/s without the startup, and the startup is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tests import convert_inputs  # noqa: E402
+
+from resumax.convert import convert  # noqa: E402
+from resumax.records import ArrayRows, TFExample, write_shards  # noqa: E402
+
+SHARDS = 8
+FILES = 4
+BEAM = [
+    "--runner=FnApiRunner",
+    "--direct_num_workers=2",
+    "--direct_running_mode=multi_processing",
+]
+
+
+def make_inputs(format: str, directory: str, records: int) -> list[str]:
+    """4 files (or directories) of `format` holding `records` records in all."""
+    per_file = records // FILES
+    os.makedirs(directory, exist_ok=True)
+    if format == "imagefolder":
+        root = os.path.join(directory, "images")
+        for label in range(FILES):
+            os.makedirs(os.path.join(root, f"class{label}"))
+            for i in range(per_file):
+                with open(os.path.join(root, f"class{label}", f"{i:06d}.png"), "wb") as out:
+                    out.write(convert_inputs.png(i % 256))
+        return [root]
+    if format == "hf":
+        import datasets
+
+        path = os.path.join(directory, "hf")
+        datasets.Dataset(convert_inputs.arrow_table(0, records)).save_to_disk(path)
+        return [path]
+    writer = getattr(convert_inputs, f"write_{format}")
+    return writer(directory, num_files=FILES, per_file=per_file)
+
+
+def baseline_records(format: str, inputs: list[str]) -> list:
+    """The records, read by the format's own library."""
+    if format == "jsonl":
+        rows = []
+        for path in inputs:
+            with open(path, "rb") as file:
+                for line in file:
+                    row = json.loads(line)
+                    rows.append(
+                        {
+                            "id": np.int64(row["id"]),
+                            "text": row["text"],
+                            "score": np.float64(row["score"]),
+                            "pair": np.asarray(row["pair"], np.float64),
+                        }
+                    )
+        return rows
+    if format == "csv":
+        rows = []
+        for path in inputs:
+            with open(path, newline="") as file:
+                for row in csv.DictReader(file):
+                    rows.append(
+                        {
+                            "id": np.int64(row["id"]),
+                            "text": row["text"],
+                            "score": np.float64(row["score"]),
+                        }
+                    )
+        return rows
+    if format in ("parquet", "hf"):
+        if format == "parquet":
+            import pyarrow.parquet as pq
+
+            tables = [pq.read_table(path) for path in inputs]
+        else:
+            import datasets
+
+            tables = [datasets.load_from_disk(inputs[0]).data.table]
+        rows = []
+        for table in tables:
+            columns = {
+                "id": table.column("id").to_numpy(),
+                "text": table.column("text").to_pylist(),
+                "score": table.column("score").to_numpy(),
+                "pair": [np.asarray(v, np.float32) for v in table.column("pair").to_pylist()],
+            }
+            table_rows = ArrayRows(columns)
+            rows.extend(table_rows[i] for i in range(table.num_rows))
+        return rows
+    if format == "tfrecord":
+        parse, rows = TFExample(), []
+        for path in inputs:
+            with open(path, "rb") as file:
+                while header := file.read(12):
+                    (length,) = struct.unpack("<Q", header[:8])
+                    parsed = parse(file.read(length))
+                    file.read(4)
+                    parsed["text"] = np.array(parsed["text"], dtype=bytes)
+                    rows.append(parsed)
+        return rows
+    if format == "imagefolder":
+        root = inputs[0]
+        rows = []
+        for label, name in enumerate(sorted(os.listdir(root))):
+            for file_name in sorted(os.listdir(os.path.join(root, name))):
+                with open(os.path.join(root, name, file_name), "rb") as file:
+                    rows.append({"image": file.read(), "label": np.int64(label)})
+        return rows
+    rows = []
+    for path in inputs:
+        with np.load(path) as arrays:
+            table = ArrayRows({name: arrays[name] for name in arrays.files})
+            rows.extend(table[i] for i in range(len(table)))
+    return rows
+
+
+def timed(function, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    function(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def baseline(format: str, inputs: list[str], prefix: str) -> None:
+    write_shards(prefix, baseline_records(format, inputs), SHARDS)
+
+
+def measure(format: str, directory: str, records: int) -> str:
+    """One table row: the baseline, the local engine and Beam on `records` of `format`.
+
+    Beam's records/s is its marginal rate, (N - N/10) / (T(N) - T(N/10)), and its startup
+    T(N/10) less the time of N/10 records at that rate.
+    """
+    inputs = make_inputs(format, os.path.join(directory, format), records)
+    tenth = make_inputs(format, os.path.join(directory, f"{format}-tenth"), records // 10)
+    out = os.path.join(directory, f"{format}-out")
+    base = timed(baseline, format, inputs, f"{out}/base")
+    local = timed(convert, inputs, f"{out}/local", num_shards=SHARDS)
+    beam_small, beam_full = (
+        timed(
+            convert, paths, f"{out}/{name}", num_shards=SHARDS, engine="beam", pipeline_options=BEAM
+        )
+        for name, paths in (("beam-tenth", tenth), ("beam", inputs))
+    )
+    beam_rate = (records - records // 10) / max(beam_full - beam_small, 1e-9)
+    startup = beam_small - (records // 10) / beam_rate
+    for path in (format, f"{format}-tenth", f"{format}-out"):
+        shutil.rmtree(os.path.join(directory, path))
+    return (
+        f"| {format} | {records / base:,.0f} | {records / local:,.0f} | {base / local:.2f} "
+        f"| {beam_rate:,.0f} | {startup:.1f} s | {beam_rate * local / records:.2f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--formats", default=",".join(convert_inputs.FORMATS))
+    args = parser.parse_args()
+    directory = tempfile.mkdtemp(prefix="resumax-bench-convert-")
+    try:
+        print(
+            "| format | baseline rec/s | local rec/s | local / baseline | Beam rec/s (startup "
+            "excluded) | Beam startup | Beam / local |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for format in args.formats.split(","):
+            print(measure(format, directory, args.records), flush=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
