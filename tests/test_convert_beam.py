@@ -147,3 +147,22 @@ def test_write_shards_refuses_indices_that_skip_or_repeat(tmp_path):
     ):
         _ = pipeline | beam.Create(pairs) | WriteShards(str(tmp_path / "t"), 1)
     assert not (tmp_path / "t.index.json").exists()
+
+
+def test_skipped_bad_records_give_the_same_shards_on_beam(tmp_path):
+    paths = write_jsonl(tmp_path / "in", num_files=3, per_file=50)
+    for path, line in ((paths[0], 49), (paths[1], 0), (paths[1], 20)):
+        lines = Path(path).read_text().splitlines()
+        lines[line] = "not json"
+        Path(path).write_text("\n".join(lines) + "\n")
+    local = convert(paths, str(tmp_path / "local/t"), num_shards=4, skip_bad=3)
+    on_beam = convert(
+        paths,
+        str(tmp_path / "beam/t"),
+        num_shards=4,
+        skip_bad=3,
+        engine="beam",
+        pipeline_options=TWO_THREADS,
+    )
+    assert_same_set(on_beam, local)
+    assert local.num_records == 147

@@ -3,10 +3,11 @@ PCollection of `(global_index, record)` as a shard set with its index, and the B
 `resumax convert`. The files and index are byte-identical to the local engine's.
 
 Shard k holds the records whose global index falls in `bounds[k]..bounds[k+1]-1` (the cut of
-`write_shards`), sorted by index: no random keys, nothing depends on bundle boundaries or the
+`write_shards`), in index order: no random keys, nothing depends on bundle boundaries or the
 number of workers. Each shard is written by one worker under a fixed temporary name (a retried
 bundle overwrites its own attempt); one final step writes the index and renames the set.
-Shards are grouped whole on one worker, so a worker needs a shard's encoded size in memory.
+`WriteShards` groups each shard's records on one worker (which holds them in memory); the
+engine instead has each worker read its shard's records from the input itself.
 """
 
 from __future__ import annotations
@@ -144,47 +145,50 @@ class WriteShards(beam.PTransform):
         )
 
 
-def _read_unit(
-    numbered: tuple[int, str], reader: Reader, plan: Plan, first_indices: list[int]
-) -> Iterator[tuple[int, bytes]]:
-    """The (global index, encoded record) pairs of one unit of the plan."""
-    number, unit = numbered
+def _shard_records(reader: Reader, plan: Plan, shard: int) -> Iterator[bytes]:
+    """The encoded records of shard `shard` of the plan, read from the parts of the units that
+    hold them."""
     limit = BadLimit(reader.options.skip_bad)
-    index = first_indices[number]
-    for item in encoded_items(reader, unit):
-        if isinstance(item, BadRecord):
-            limit.add(item)
-            continue
-        yield index, item
-        index += 1
-    expected = plan.counts[number] - plan.bad_counts[number]
-    if index - first_indices[number] != expected:
-        raise DataSourceError(
-            f"{unit} held {expected} good records when counted but "
-            f"{index - first_indices[number]} when read: did it change during the conversion?"
-        )
+    for number, start, stop, good in plan.shard_reads(shard):
+        found = 0
+        for item in encoded_items(reader, plan.units[number], start, stop):
+            if isinstance(item, BadRecord):
+                limit.add(item)
+                continue
+            found += 1
+            yield item
+        if found != good:
+            raise DataSourceError(
+                f"{plan.units[number]} held {good} good records at positions {start}..{stop - 1} "
+                f"when counted but {found} when read: did it change during the conversion?"
+            )
+
+
+def _write_planned_shard(shard: int, reader: Reader, plan: Plan, prefix: str, resume: bool) -> int:
+    records = _shard_records(reader, plan, shard)
+    shards.write_shard(prefix, shard, plan.num_shards, records, resume)
+    return shard
 
 
 def write_beam(
     reader: Reader, plan: Plan, prefix: str, resume: bool, pipeline_options: list[str]
 ) -> list[str]:
-    """Runs the plan on Beam with `pipeline_options` (command-line style); returns the paths."""
+    """Runs the plan on Beam with `pipeline_options` (command-line style); returns the paths.
+
+    The plan gives each shard's records as parts of units (`Plan.shard_reads`), so each shard
+    is read and written by one worker and no record crosses a process boundary; the commit is
+    `WriteShards`'.
+    """
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    first_indices = plan.first_indices()
+    arguments = (plan.num_shards, plan.num_records, plan.metadata, resume)
     with beam.Pipeline(options=PipelineOptions(pipeline_options)) as pipeline:
         _ = (
             pipeline
-            | "Units" >> beam.Create(list(enumerate(plan.units)))
+            | "Shards" >> beam.Create(list(range(plan.num_shards)))
             | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.FlatMap(_read_unit, reader, plan, first_indices)
-            | "WriteShards"
-            >> WriteShards(
-                prefix,
-                plan.num_shards,
-                num_records=plan.num_records,
-                metadata=plan.metadata,
-                resume=resume,
-            )
+            | "WriteShard" >> beam.Map(_write_planned_shard, reader, plan, prefix, resume)
+            | "Written" >> beam.combiners.ToList()
+            | "Commit" >> beam.Map(_commit, prefix, *arguments)
         )
     return shard_paths(prefix, plan.num_shards)

@@ -9,6 +9,7 @@ records skipped must be known before the shards are cut, and they go into the me
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +27,13 @@ class Plan:
 
     units: tuple[str, ...]
     counts: tuple[int, ...]  # input records of each unit, bad ones included
-    bad_counts: tuple[int, ...]  # bad records of each unit to skip
+    bad_positions: tuple[tuple[int, ...], ...]  # each unit's bad records to skip, in order
     num_shards: int
     metadata: dict[str, Any]
+
+    @property
+    def bad_counts(self) -> list[int]:
+        return [len(positions) for positions in self.bad_positions]
 
     @property
     def num_records(self) -> int:
@@ -44,6 +49,31 @@ class Plan:
         good = np.asarray(self.counts, dtype=np.int64) - np.asarray(self.bad_counts, np.int64)
         return [0, *np.cumsum(good)[:-1].tolist()] if len(good) else []
 
+    def shard_reads(self, shard: int) -> list[tuple[int, int, int, int]]:
+        """What shard `shard` is read from: (unit number, first input position, input position
+        past the last, good records) for each unit that holds some of its records."""
+        start, stop = (int(bound) for bound in self.bounds()[shard : shard + 2])
+        firsts = self.first_indices()
+        reads = []
+        unit = max(bisect.bisect_right(firsts, start) - 1, 0)
+        while unit < len(self.units) and firsts[unit] < stop:
+            good = self.counts[unit] - len(self.bad_positions[unit])
+            low, high = max(start - firsts[unit], 0), min(stop - firsts[unit], good)
+            if low < high:
+                first = self._input_position(unit, low)
+                reads.append((unit, first, self._input_position(unit, high - 1) + 1, high - low))
+            unit += 1
+        return reads
+
+    def _input_position(self, unit: int, good_index: int) -> int:
+        """The input position of the unit's good record `good_index`."""
+        position = good_index
+        for bad in self.bad_positions[unit]:
+            if bad > position:
+                break
+            position += 1
+        return position
+
 
 def make_plan(
     reader: Reader, inputs: Sequence[str], seen: Callable[[int], None] | None = None
@@ -55,24 +85,24 @@ def make_plan(
     skipped: list[BadRecord] = []
     if options.needs_full_pass():
         limit = BadLimit(options.skip_bad)
-        counts, bad_counts, encoded_bytes = [], [], 0
+        counts, bad_positions, encoded_bytes = [], [], 0
         for unit in units:
-            count = bad = 0
+            bad, count = [], 0
             for item in encoded_items(reader, unit):
-                count += 1
                 if isinstance(item, BadRecord):
                     limit.add(item)
-                    bad += 1
+                    bad.append(count)
                 else:
                     encoded_bytes += len(item)
+                count += 1
             counts.append(count)
-            bad_counts.append(bad)
+            bad_positions.append(tuple(bad))
             if seen is not None:
-                seen(count)
+                seen(counts[-1])
         skipped = limit.found
     else:
         counts = [reader.count(unit) for unit in units]
-        bad_counts, encoded_bytes = [0] * len(units), 0
+        bad_positions, encoded_bytes = [()] * len(units), 0
     num_shards = options.shards_for(encoded_bytes)
     metadata = {
         "converted_from": options.format,
@@ -81,4 +111,4 @@ def make_plan(
         "skipped": [{"where": bad.where, "reason": bad.reason} for bad in skipped],
         **reader.metadata(),
     }
-    return Plan(tuple(units), tuple(counts), tuple(bad_counts), num_shards, metadata)
+    return Plan(tuple(units), tuple(counts), tuple(bad_positions), num_shards, metadata)

@@ -11,10 +11,12 @@ from resumax.errors import DataSourceError, RecordEncodeError
 from resumax.records.codec import encode
 
 
-def encoded_items(reader: Reader, unit: str) -> Iterator[bytes | BadRecord]:
-    """The records of `unit` encoded, a BadRecord in place of each bad one (one the codec
-    cannot store included)."""
-    for position, item in enumerate(reader.read(unit)):
+def encoded_items(
+    reader: Reader, unit: str, start: int = 0, stop: int | None = None
+) -> Iterator[bytes | BadRecord]:
+    """The records of `unit` (input positions start..stop-1) encoded, a BadRecord in place of
+    each bad one (one the codec cannot store included)."""
+    for position, item in enumerate(reader.read(unit, start, stop), start=start):
         if isinstance(item, BadRecord):
             yield item
             continue

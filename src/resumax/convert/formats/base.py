@@ -31,8 +31,10 @@ class Reader:
         """The number of input records (bad ones included) of `unit`, without converting them."""
         raise NotImplementedError
 
-    def read(self, unit: str) -> Iterator[Item]:
-        """The records of `unit` in order, a BadRecord in place of each one that is bad."""
+    def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
+        """The records at input positions start..stop-1 of `unit` (all by default) in order, a
+        BadRecord in place of each one that is bad. Positions before `start` are skipped without
+        converting them (a Beam worker reads only its shard's part of a unit)."""
         raise NotImplementedError
 
     def sources(self, units: Sequence[str], counts: Sequence[int]) -> list[dict[str, Any]]:

@@ -32,14 +32,20 @@ class CsvReader(Reader):
     def count(self, unit: str) -> int:
         return max(0, sum(1 for _, cells in self._rows(unit) if cells) - 1)
 
-    def read(self, unit: str) -> Iterator[Item]:
+    def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
         rows = self._rows(unit)
         header = next((cells for _, cells in rows if cells), None)
         if header is None:
             return
+        position = -1
         for line, cells in rows:
             if not cells:
                 continue
+            position += 1
+            if position < start:
+                continue
+            if stop is not None and position >= stop:
+                return
             if len(cells) != len(header):
                 reason = f"{len(cells)} cells where the header has {len(header)}"
                 yield BadRecord(f"{unit}, line {line}", reason)

@@ -45,13 +45,14 @@ class HuggingFaceReader(Reader):
     def count(self, unit: str) -> int:
         return len(load(unit, self.storage_options))
 
-    def read(self, unit: str) -> Iterator[Item]:
+    def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
         dataset = load(unit, self.storage_options).with_format("arrow")
         names = arrow.check_columns(dataset.data.schema, self.options, repr(unit))
-        for start in range(0, len(dataset), _BATCH_ROWS):
-            table = dataset[start : start + _BATCH_ROWS]
+        stop = len(dataset) if stop is None else min(stop, len(dataset))
+        for first in range(start, stop, _BATCH_ROWS):
+            table = dataset[first : min(first + _BATCH_ROWS, stop)]
             yield from arrow.batch_records(
-                table, names, self.options, lambda row, start=start: f"{unit}, row {start + row}"
+                table, names, self.options, lambda row, first=first: f"{unit}, row {first + row}"
             )
 
     def sources(self, units: Sequence[str], counts: Sequence[int]) -> list[dict[str, Any]]:

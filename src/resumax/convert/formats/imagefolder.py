@@ -53,7 +53,9 @@ class ImageFolderReader(Reader):
     def count(self, unit: str) -> int:
         return 1
 
-    def read(self, unit: str) -> Iterator[Item]:
+    def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
+        if start > 0 or stop == 0:
+            return
         label = np.int64(self.class_names.index(self._relative(unit).split("/")[0]))
         with self.open(unit) as file:
             data = file.read()

@@ -17,11 +17,17 @@ class JsonLinesReader(Reader):
         with self.open(unit) as file:
             return sum(1 for line in file if line.strip())
 
-    def read(self, unit: str) -> Iterator[Item]:
+    def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
+        position = -1
         with self.open(unit) as file:
             for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue
+                position += 1
+                if position < start:
+                    continue
+                if stop is not None and position >= stop:
+                    return
                 try:
                     raw = _DECODER.decode(line.decode())
                 except ValueError as error:  # UnicodeDecodeError included

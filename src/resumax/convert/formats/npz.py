@@ -52,7 +52,7 @@ class NpzReader(Reader):
             )
         return int(shape[0])
 
-    def read(self, unit: str) -> Iterator[Item]:
+    def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
         rows = self._rows(unit)
-        for index in range(len(rows)):
+        for index in range(start, len(rows) if stop is None else min(stop, len(rows))):
             yield rows[index]

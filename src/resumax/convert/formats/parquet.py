@@ -33,13 +33,21 @@ class ParquetReader(Reader):
     def count(self, unit: str) -> int:
         return self._file(unit).metadata.num_rows
 
-    def read(self, unit: str) -> Iterator[Item]:
+    def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
         file = self._file(unit)
         names = arrow.check_columns(file.schema_arrow, self.options, repr(unit))
+        stop = file.metadata.num_rows if stop is None else stop
         first = 0
         for batch in file.iter_batches(batch_size=_BATCH_ROWS, columns=names):
-            start = first
-            yield from arrow.batch_records(
-                batch, names, self.options, lambda row, start=start: f"{unit}, row {start + row}"
-            )
+            low, high = max(start - first, 0), min(stop - first, batch.num_rows)
+            if low < high:
+                offset = first + low
+                yield from arrow.batch_records(
+                    batch.slice(low, high - low),
+                    names,
+                    self.options,
+                    lambda row, offset=offset: f"{unit}, row {offset + row}",
+                )
             first += batch.num_rows
+            if first >= stop:
+                return

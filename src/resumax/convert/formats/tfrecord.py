@@ -56,9 +56,13 @@ def _header(file: IO, unit: str, number: int) -> int | None:
     return length
 
 
-def _framed(file: IO, unit: str) -> Iterator[bytes | BadRecord]:
+def _framed(file: IO, unit: str, start: int, stop: int | None) -> Iterator[bytes | BadRecord]:
     number = 0
-    while (length := _header(file, unit, number)) is not None:
+    while (stop is None or number < stop) and (length := _header(file, unit, number)) is not None:
+        if number < start:
+            file.seek(length + 4, 1)
+            number += 1
+            continue
         data, footer = file.read(length), file.read(4)
         if len(data) < length or len(footer) < 4:
             raise DataSourceError(f"{unit}, record {number}: the file ends inside the record")
@@ -99,10 +103,10 @@ class TFRecordReader(Reader):
                 count += 1
         return count
 
-    def read(self, unit: str) -> Iterator[Item]:
+    def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
         fields = self.options.fields
         with self.open(unit) as file:
-            for number, data in enumerate(_framed(file, unit)):
+            for number, data in enumerate(_framed(file, unit, start, stop), start=start):
                 if isinstance(data, BadRecord):
                     yield data
                     continue
