@@ -29,7 +29,7 @@ class JsonLinesReader(Reader):
                 if stop is not None and position >= stop:
                     return
                 try:
-                    raw = _DECODER.decode(line.decode())
+                    raw = _DECODER.decode(line.decode().rstrip("\r\n"))
                 except ValueError as error:  # UnicodeDecodeError included
                     yield BadRecord(f"{unit}, line {number}", f"not JSON: {error}")
                     continue
