@@ -21,7 +21,7 @@ from resumax.errors import ConfigError, DataSourceError, RecordDecodeError, Stat
 from resumax.records import storage
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
 from resumax.sources.files.fetch_ahead import ReadAhead
-from resumax.sources.files.file_schedule import FileSchedule
+from resumax.sources.files.file_schedule import NEVER, FileSchedule
 from resumax.sources.files.readers import ArrayRecordFiles, default_max_open_files
 from resumax.sources.files.remote import RemoteFiles, cache_settings, resolve_remote
 from resumax.sources.files.resolve import PathsLike, ResolvedFiles, resolve_files
@@ -134,12 +134,13 @@ class ArrayRecordSourceModule(RecordSource):
             return spans
         return ReadAhead(self._cache, self._schedule, self._file_ids_of, self._delivered, spans)
 
-    def _file_ids_of(self, start: int, stop: int) -> np.ndarray:
-        """The files the records at global positions [start, stop) lie in: from the files'
-        ranges of positions (no record order computed), or, under the global shuffle (where
-        every file ranges over the whole epoch), from the records' own indices."""
+    def _file_ids_of(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The files the records at global positions [start, stop) lie in, and where each one's
+        use ends: from the files' ranges of positions (no record order computed), or, under the
+        global shuffle (where every file ranges over the whole epoch, each kept to the end), from
+        the records' own indices."""
         if not self._schedule.global_shuffle:
-            return self._schedule.files_between(start, stop)
+            return self._schedule.needed_until(start, stop)
         per_epoch = self.records_per_epoch
         indices = []
         while start < stop:
@@ -148,7 +149,8 @@ class ArrayRecordSourceModule(RecordSource):
             indices.append(self.record_indices(epoch, index, end))
             start = epoch * per_epoch + end
         found = np.searchsorted(self._files.starts, np.concatenate(indices), side="right") - 1
-        return np.unique(found)
+        file_ids = np.unique(found)
+        return file_ids, np.full(len(file_ids), NEVER, dtype=np.int64)
 
     def _delivered(self) -> int:
         epoch, index = self.position

@@ -34,12 +34,13 @@ class ReadAhead:
         self,
         cache: ShardCache,
         schedule: FileSchedule,
-        file_ids_of: Callable[[int, int], np.ndarray],
+        file_ids_of: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
         delivered: Callable[[], int],
         spans: Iterator[tuple[int, int]],
     ):
-        """Iterates `spans`, each once its shards are on disk and pinned (see `_spans`).
-        `file_ids_of(start, stop)`: the files the records at positions [start, stop) lie in;
+        """Iterates `spans`, each once its shards are on disk and pinned (see `_ready`).
+        `file_ids_of(start, stop)`: the files the records at positions [start, stop) lie in,
+        and for each the position its use there ends at (NEVER: kept to the end);
         `delivered()`: the position the caller has received (pins before it are released)."""
         self.cache, self.schedule = cache, schedule
         self._file_ids_of, self._delivered = file_ids_of, delivered
@@ -62,8 +63,12 @@ class ReadAhead:
             for _ in range(cache.settings.fetch_threads)
         ]
         # Pinned shards -> the position after which they are no longer needed: a shard stays
-        # pinned over all the spans that read it. Under the global shuffle every shard is read
-        # all the time (and the whole set fits): each stays pinned from its first read on.
+        # pinned over all the spans that read it. When the whole set fits in the limit (as the
+        # global shuffle, which reads every shard all the time, requires), none ever needs to
+        # be evicted: each stays pinned from its first read on, and once all are, spans pass
+        # with no work and the download threads end.
+        self._keep_all = schedule.global_shuffle or int(self._sizes.sum()) <= cache.settings.limit
+        self._all_pinned = False
         self._held: dict[int, int] = {}
         self._held_lock = threading.Lock()
         self._spans = self._ready(spans)
@@ -83,34 +88,55 @@ class ReadAhead:
             self._held.clear()
 
     def _ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-        """`spans`, each yielded once its shards are on disk and pinned; pins are released once
-        the caller has received the positions they cover, and all of them at the end."""
-        held = self._held
-        keep = NEVER if self.schedule.global_shuffle else None
+        """`spans`, each yielded once its shards are on disk and pinned; a shard's pin is taken
+        by the first span that reads it and released once the caller has received the last
+        position of its range of use (`file_ids_of`), and all of them at the end."""
+        held, num_files = self._held, len(self._sizes)
+        release_at = NEVER  # the earliest position a held pin may be released at
         started = False
         try:
             for start, stop in spans:
                 if self._stopped:
                     return
+                if self._all_pinned:
+                    yield start, stop
+                    continue
                 self._advance(start)
                 if not started:
                     for thread in self._threads:
                         thread.start()
                     started = True
-                for file_id in self._file_ids_of(start, stop).tolist():
-                    if file_id not in held:
-                        self.cache.fetch(file_id, pin=True)
+                file_ids, ends = self._file_ids_of(start, stop)
+                later: dict[int, int] = {}  # held shards whose use now ends later
+                if self._keep_all:
+                    ends = np.full(len(file_ids), NEVER)
+                for file_id, end in zip(file_ids.tolist(), ends.tolist(), strict=True):
+                    if file_id in held:
+                        if end > held[file_id]:
+                            later[file_id] = end
+                        continue
+                    self.cache.fetch(file_id, pin=True)
                     with self._held_lock:
                         if self._stopped:
                             self.cache.unpin([file_id])
                             return
-                        held[file_id] = keep or stop
+                        held[file_id] = end
+                    release_at = min(release_at, end)
                 delivered = self._delivered()
-                with self._held_lock:
-                    done = [file_id for file_id, until in held.items() if until <= delivered]
-                    self.cache.unpin(done)
-                    for file_id in done:
-                        del held[file_id]
+                if later or delivered >= release_at:
+                    with self._held_lock:
+                        if self._stopped:
+                            return
+                        held.update(later)
+                        done = [file_id for file_id, end in held.items() if end <= delivered]
+                        self.cache.unpin(done)
+                        for file_id in done:
+                            del held[file_id]
+                        release_at = min(held.values(), default=NEVER)
+                if self._keep_all and len(held) == num_files:
+                    with self._changed:
+                        self._all_pinned = True  # nothing left to fetch: the threads end
+                        self._changed.notify_all()
                 yield start, stop
         finally:
             self.stop_reading()
@@ -156,8 +182,8 @@ class ReadAhead:
 
     def _next_task(self) -> tuple[int, int] | None:
         """The next shard to fetch (with its next use), planning again when due; None when
-        stopped. Call with `_changed` held."""
-        while not self._stopped:
+        stopped or when every shard is pinned for good. Call with `_changed` held."""
+        while not self._stopped and not self._all_pinned:
             position = self._position
             if self._planned_at is None or position - self._planned_at >= self._replan_every:
                 self._make_plan(position)

@@ -35,7 +35,9 @@ class FileSchedule:
         self._window_order = (
             WindowOrder(self.counts, config.seed, self.window) if self.window is not None else None
         )
-        self._ranges: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+        # ((epoch, (first, end)), ...) of the last two epochs asked for, swapped in as one tuple:
+        # the reader asks for its epoch while the read-ahead asks for the next one too.
+        self._ranges: tuple[tuple[int, tuple[np.ndarray, np.ndarray]], ...] = ()
 
     @property
     def global_shuffle(self) -> bool:
@@ -43,8 +45,9 @@ class FileSchedule:
 
     def ranges(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(first, end) position within `epoch` where each file (by file id) is needed."""
-        if self._ranges is not None and self._ranges[0] == epoch:
-            return self._ranges[1]
+        for cached_epoch, cached in self._ranges:
+            if cached_epoch == epoch:
+                return cached
         total = self.num_records
         if self.global_shuffle:
             first = np.zeros(len(self.counts), np.int64)
@@ -58,7 +61,7 @@ class FileSchedule:
             first, end = np.empty_like(offsets[:-1]), np.empty_like(offsets[:-1])
             first[files] = offsets[:-1] // window * window
             end[files] = np.minimum(-(-offsets[1:] // window) * window, total)
-        self._ranges = (epoch, (first, end))
+        self._ranges = ((epoch, (first, end)), *self._ranges[:1])
         return first, end
 
     def next_use(self, position: int) -> np.ndarray:
@@ -72,16 +75,26 @@ class FileSchedule:
         found = np.where(this_epoch >= 0, this_epoch, next_epoch)
         return found if self.end is None else np.where(found < self.end, found, NEVER)
 
-    def files_between(self, start: int, stop: int) -> np.ndarray:
-        """File ids needed anywhere in global positions [start, stop) (each once)."""
-        found = []
+    def needed_until(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(file ids needed anywhere in global positions [start, stop), each once; for each, the
+        global position its range of use there ends at): a file read by a span stays needed
+        until that end, however many spans after this one read it."""
+        found, ends = [], []
         while start < stop:
             epoch, index = divmod(start, self.num_records)
             first, end = self.ranges(epoch)
             epoch_stop = min(stop - epoch * self.num_records, self.num_records)
-            found.append(np.flatnonzero((first < epoch_stop) & (end > index)))
+            file_ids = np.flatnonzero((first < epoch_stop) & (end > index))
+            found.append(file_ids)
+            ends.append(end[file_ids] + epoch * self.num_records)
             start = (epoch + 1) * self.num_records
-        return found[0] if len(found) == 1 else np.unique(np.concatenate(found))
+        if len(found) == 1:
+            return found[0], ends[0]
+        # A span across epochs: a file needed in both ends with its later epoch's range.
+        file_ids, until = np.concatenate(found), np.concatenate(ends)
+        latest = np.lexsort((until, file_ids))
+        last_of_each = np.append(file_ids[latest][1:] != file_ids[latest][:-1], True)
+        return file_ids[latest][last_of_each], until[latest][last_of_each]
 
     def bytes_at_once(self, sizes: Sequence[int], positions: int = 0) -> int:
         """An upper bound of the bytes of the files needed at once while `positions` positions

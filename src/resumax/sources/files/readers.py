@@ -224,7 +224,10 @@ class ReaderPool:
             self._copies_seen = changed
 
     def close_evicted(self) -> None:
-        """Closes the readers of evicted local copies; call with `lock` held."""
+        """Closes the readers of evicted local copies; call with `lock` held, once per read
+        (before its `get`s)."""
+        if self.copies is None:
+            return
         self._look_for_evicted()
         while self.evicted:
             reader = self.open_readers.pop(self.evicted.pop(), None)
@@ -233,8 +236,6 @@ class ReaderPool:
 
     def get(self, file_id: int) -> Any:
         """The reader of file `file_id`; call with `lock` held."""
-        if self.copies is not None:
-            self.close_evicted()
         reader = self.open_readers.get(file_id)
         if reader is not None:
             self.open_readers.move_to_end(file_id)
@@ -315,6 +316,7 @@ class ArrayRecordFiles:
         pool = self.pool
         if len(self.paths) == 1:
             with pool.lock:
+                pool.close_evicted()
                 read = pool.get(0).read
                 return [read(i, i + 1)[0] for i in record_indices.tolist()]
         file_ids = np.searchsorted(self.starts, record_indices, side="right") - 1
@@ -325,6 +327,7 @@ class ArrayRecordFiles:
         file_ids = file_ids.tolist()
         result: list[bytes] = [b""] * len(local_indices)
         with pool.lock:
+            pool.close_evicted()
             current, read = -1, None
             for position in by_file:
                 if file_ids[position] != current:
@@ -340,8 +343,7 @@ class ArrayRecordFiles:
         no grouping and no LRU bookkeeping."""
         pool = self.pool
         with pool.lock:
-            if pool.copies is not None:
-                pool.close_evicted()
+            pool.close_evicted()
             readers = pool.open_readers
             open_many(pool, sorted(set(file_ids).difference(readers)))
             return [

@@ -60,6 +60,7 @@ class BlockCache:
         starts = files.starts
         file_ids = (np.searchsorted(starts, keys, side="right") - 1).tolist()
         with pool.lock:
+            pool.close_evicted()
             open_many(pool, sorted(set(file_ids)))
             for key, file_id in zip(keys, file_ids, strict=True):
                 read = pool.get(file_id).read
