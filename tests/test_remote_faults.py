@@ -213,6 +213,7 @@ def test_two_sources_sharing_a_cache_dir_download_each_shard_once(
         assert_batches_equal(batches, expected)
     assert server_log.shard_gets() == {shard_name(n): 1 for n in range(NUM_SHARDS)}
     assert sum(source._cache.downloaded_bytes for source in sources) == SET_BYTES
+    assert cache_files(tmp_path / "cache", "locks") == []  # removed by their last holders
 
 
 def test_two_datasets_share_a_cache_dir(
@@ -360,6 +361,7 @@ def test_two_processes_sharing_a_cache_dir_download_each_shard_once(
     assert output["digest"] == _digest(expected)
     assert output["downloaded"] + source._cache.downloaded_bytes == SET_BYTES
     assert server_log.shard_gets() == {shard_name(n): 1 for n in range(NUM_SHARDS)}
+    assert cache_files(tmp_path / "cache", "locks") == []
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ Layout of the cache directory:
     shards/<hash>-<size>.array_record    complete, checked shards (named by content: two datasets,
                                          or two copies of one, share a directory safely)
     tmp/<hash>-<size>.<pid>.<n>.partial  downloads in progress (counted at their full size)
-    locks/<hash>-<size>.lock             held while one process downloads that shard
+    locks/<hash>-<size>.lock             held while one process downloads that shard (removed by
+                                         it when done)
     .lock                                held while a process counts the bytes and evicts
 
 A process pins the shards it still needs (a shared `flock` on the shard), and eviction skips
@@ -15,7 +16,6 @@ pinned shards; among the rest it removes the one whose next use is farthest (`ne
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -25,13 +25,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from resumax.errors import DataSourceError
-from resumax.records import shard_index
+from resumax.records import shard_index, storage
+from resumax.sources.files import cache_locks
 from resumax.sources.files.download import download
 
 _SHARD_SUFFIX = ".array_record"
@@ -90,46 +91,6 @@ def _size_of(directory: str, name: str) -> int:
     return 0
 
 
-# This process's downloads in progress: (pid, partial path). At exit (Ctrl-C included) the ones
-# still going, in daemon threads that never reach their cleanup, are removed.
-_PARTIALS: set[tuple[int, str]] = set()
-
-
-@atexit.register
-def _remove_partials() -> None:
-    for pid, partial in list(_PARTIALS):
-        if pid == os.getpid():  # never a parent's, in a forked child
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return pid > 0 and os.kill(pid, 0) is None  # never kill(-1 or 0): whole groups
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-@contextlib.contextmanager
-def _flock(path: str, mode: int, deadline: float | None = None) -> Iterator[None]:
-    """Holds `flock(mode)` on `path` (created if missing), polling until `deadline` if given."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, mode | (fcntl.LOCK_NB if deadline is not None else 0))
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(path) from None
-                time.sleep(_POLL)
-        yield
-    finally:
-        os.close(fd)
-
-
 class ShardCache:
     """Local copies of the shards of one remote set, within `settings.limit` bytes on disk."""
 
@@ -154,6 +115,9 @@ class ShardCache:
         # Called with each file id this object evicts (e.g. to close a reader of it).
         self.on_evict: Callable[[int], None] | None = None
         self.downloaded_bytes = 0
+        self._filesystems: dict[int, tuple[Any, str]] = {}
+        # The size each shard's name records (`<hash>-<size>.array_record`), parsed once.
+        self._sizes_by_name: dict[str, int] = {}
 
     @property
     def directory(self) -> str:
@@ -203,7 +167,7 @@ class ShardCache:
         key = self.shards.key(file_id)
         lock = os.path.join(self._dirs["locks"], key + ".lock")
         try:
-            with _flock(lock, fcntl.LOCK_EX, deadline + self.settings.fetch_timeout):
+            with cache_locks.download_lock(lock, deadline + self.settings.fetch_timeout):
                 if not os.path.exists(self.path(file_id)):
                     self._download(file_id, deadline, evict_after)
         except TimeoutError:
@@ -220,20 +184,27 @@ class ShardCache:
         url, size = self.shards.urls[file_id], self.shards.sizes[file_id]
         name = f"{self.shards.key(file_id)}.{os.getpid()}.{next(self._counter)}{_PARTIAL_SUFFIX}"
         partial = os.path.join(self._dirs["tmp"], name)
-        _PARTIALS.add((os.getpid(), partial))
+        cache_locks.PARTIALS.add((os.getpid(), partial))
         try:
             self._reserve(partial, size, deadline, url, evict_after)
-            download(
-                url, partial, self.shards.storage_options, deadline, self.settings.fetch_timeout
-            )
+            fs, remote_path = self._remote(file_id)
+            download(url, fs, remote_path, partial, deadline, self.settings.fetch_timeout)
             self._check(file_id, partial)
             os.replace(partial, self.path(file_id))
             with self._lock:  # several download threads finish at once
                 self.downloaded_bytes += size
         finally:
-            _PARTIALS.discard((os.getpid(), partial))
+            cache_locks.PARTIALS.discard((os.getpid(), partial))
             with contextlib.suppress(FileNotFoundError):
                 os.remove(partial)
+
+    def _remote(self, file_id: int) -> tuple[Any, str]:
+        """(fsspec filesystem, path in it) of a shard, resolved once per shard and process."""
+        found = self._filesystems.get(file_id)
+        if found is None:
+            found = storage.filesystem(self.shards.urls[file_id], self.shards.storage_options)
+            self._filesystems[file_id] = found
+        return found
 
     def _check(self, file_id: int, partial: str) -> None:
         """Refuses a download whose size or content hash is not the index's."""
@@ -268,12 +239,13 @@ class ShardCache:
                 f"{url!r} has {size} bytes, more than cache_limit={limit}: raise cache_limit"
             )
         while True:
-            with _flock(os.path.join(self.settings.directory, ".lock"), fcntl.LOCK_EX):
+            with cache_locks.flock(os.path.join(self.settings.directory, ".lock"), fcntl.LOCK_EX):
                 used, shards = self._usage()
-                for victim in self._victims(shards, evict_after):
-                    if used + size <= limit:
-                        break
-                    used -= self._evict(victim)
+                if used + size > limit:
+                    for victim in self._victims(shards, evict_after):
+                        used -= self._evict(victim)
+                        if used + size <= limit:
+                            break
                 if used + size <= limit:
                     open(partial, "wb").close()
                     return
@@ -294,11 +266,20 @@ class ShardCache:
         # counted twice, never missed (which let one shard more in than the limit allows).
         partials = os.listdir(self._dirs["tmp"])
         shards = os.listdir(self._dirs["shards"])
-        used = sum(_size_of(self._dirs["shards"], name) for name in shards)
+        known, used = self._sizes_by_name, 0
+        for name in shards:
+            size = known.get(name)
+            if size is None:
+                match = _SHARD_NAME.match(name)
+                if match is None:  # not a shard of any set: counted as it is now
+                    used += _size_of(self._dirs["shards"], name)
+                    continue
+                size = known[name] = int(match.group(1))
+            used += size
         for name in partials:
             match = _PARTIAL_NAME.match(name)  # anything else is no download in progress
             pid = int(match.group(2)) if match else -1
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not cache_locks.alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self._dirs["tmp"], name))
             else:
