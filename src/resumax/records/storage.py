@@ -114,9 +114,13 @@ def storage_error(url: str, error: BaseException, doing: str = "read") -> DataSo
     )
     if refused:
         how = _CREDENTIALS.get("gs" if scheme in ("gs", "gcs") else scheme, "its credentials")
+        why = (
+            "no credentials were found"
+            if "nocredentials" in lowered or "unable to locate credentials" in lowered
+            else "access was refused"
+        )
         return DataSourceError(
-            f"cannot {doing} {url!r}: access to the bucket {bucket!r} was refused ({text}); "
-            f"set {how}"
+            f"cannot {doing} {url!r}: {why} for the bucket {bucket!r} ({text}); set {how}"
         )
     if isinstance(error, FileNotFoundError):
         return DataFileNotFoundError(f"cannot {doing} {url!r}: no such object ({text})")
@@ -128,7 +132,7 @@ def is_persistent(error: BaseException, failure: DataSourceError) -> bool:
     return (
         isinstance(failure, DataFileNotFoundError)
         or isinstance(error, PermissionError)
-        or ("was refused" in str(failure))
+        or any(why in str(failure) for why in ("access was refused", "no credentials were found"))
     )
 
 
