@@ -59,14 +59,18 @@ def good_records(
     records (bad ones included), for a progress bar."""
     pending = 0
     for unit in units:
-        for item in encoded_items(reader, unit):
+        # encoded_items inlined: one generator less per record on the local engine's hot path.
+        for position, item in enumerate(reader.read(unit)):
             pending += 1
             if pending == 1024 and seen is not None:
                 seen(pending)
                 pending = 0
             if isinstance(item, BadRecord):
                 limit.add(item)
-            else:
-                yield item
+                continue
+            try:
+                yield encode(item)
+            except RecordEncodeError as error:
+                limit.add(BadRecord(f"{unit}, record {position} (from 0)", str(error)))
     if pending and seen is not None:
         seen(pending)
