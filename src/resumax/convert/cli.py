@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from resumax.convert.conversion import ENGINES, convert
 from resumax.convert.options import FORMATS, parse_features, parse_size
+from resumax.errors import ConfigError
 
 
 def split_pipeline_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -95,7 +96,7 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if len(args.paths) < 2:
-        raise SystemExit("resumax convert: give at least one INPUT and the output PREFIX")
+        raise ConfigError(f"give at least one INPUT and the output PREFIX, got {args.paths}")
     *inputs, prefix = args.paths
     done = convert(
         inputs,

@@ -88,7 +88,7 @@ def convert(
     )
     reader = reader_for(options, storage_options)
     full_pass = options.needs_full_pass()
-    bar = progress_bar(0, "plan (full pass)", progress and full_pass)
+    bar = progress_bar(None, "plan (full pass)", progress and full_pass)
     plan = make_plan(reader, paths, bar.update if bar else None)
     if bar is not None:
         bar.close()

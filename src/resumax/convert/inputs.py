@@ -44,7 +44,7 @@ def guess_format(inputs: Sequence[str], storage_options: storage.StorageOptions 
     formats = set()
     for path in inputs:
         if _is_dir(path, storage_options):
-            entries = _list_dir(path, storage_options, recursive=False)
+            entries = list_dir(path, storage_options, recursive=False)
             names = {entry.rpartition("/")[2] for entry in entries}
             if all(marker in names for marker in HF_MARKERS):
                 formats.add("hf")
@@ -65,7 +65,7 @@ def guess_format(inputs: Sequence[str], storage_options: storage.StorageOptions 
     return formats.pop()
 
 
-def _list_dir(path: str, storage_options: storage.StorageOptions, recursive: bool) -> list[str]:
+def list_dir(path: str, storage_options: storage.StorageOptions, recursive: bool) -> list[str]:
     """The entries of a directory (all files below it when `recursive`), hidden ones left out."""
     if storage.is_url(path):
         fs, key = storage.filesystem(path, storage_options)
@@ -95,7 +95,7 @@ def expand(
         if _is_dir(path, storage_options):
             found = [
                 entry
-                for entry in _list_dir(path, storage_options, recursive=True)
+                for entry in list_dir(path, storage_options, recursive=True)
                 if _has_extension(entry, format)
             ]
         elif glob.has_magic(path):

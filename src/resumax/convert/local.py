@@ -13,7 +13,7 @@ from resumax.convert.stream import BadLimit, good_records
 from resumax.errors import DataSourceError, ResumaxError
 
 
-def progress_bar(total: int, description: str, enabled: bool):
+def progress_bar(total: int | None, description: str, enabled: bool):
     """A tqdm bar on stderr (records/s and ETA), or None when not `enabled`."""
     if not enabled:
         return None

@@ -36,7 +36,7 @@ class ImageFolderReader(Reader):
         self.root = paths[0].rstrip("/")
         files = [
             path
-            for path in inputs._list_dir(self.root, self.storage_options, recursive=True)
+            for path in inputs.list_dir(self.root, self.storage_options, recursive=True)
             if path.lower().endswith(IMAGE_EXTENSIONS) and "/" in self._relative(path)
         ]
         if not files:
