@@ -101,3 +101,19 @@ def test_convert_to_a_bucket_uploads_the_set_with_its_index_metadata(
         ArrayRecordSourceConfig(), f"{s3_bucket}/data/train-*", storage_options=options
     )
     assert int(source[99]["id"]) == 99
+
+
+def test_inputs_in_a_bucket_are_read_through_fsspec(tmp_path, s3_server, s3_bucket):
+    local = write_jsonl(tmp_path / "in")
+    fs = s3_server.filesystem()
+    for path in local:
+        fs.put_file(path, f"{s3_bucket[5:]}/in/{os.path.basename(path)}")
+    options = s3_server.storage_options
+    done = convert([f"{s3_bucket}/in/*.jsonl"], str(tmp_path / "t"), storage_options=options)
+    reference = convert(local, str(tmp_path / "ref"))
+    assert Path(done.paths[0]).read_bytes() == Path(reference.paths[0]).read_bytes()
+    sources = json.loads(Path(done.index).read_text())["metadata"]["sources"]
+    assert [source["path"] for source in sources] == [
+        f"{s3_bucket}/in/part-0.jsonl",
+        f"{s3_bucket}/in/part-1.jsonl",
+    ]
