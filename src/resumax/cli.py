@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     args.pipeline_options = pipeline_options
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader of stdout left (`resumax batches ... | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ResumaxError as error:
         print(f"resumax {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
         return 2

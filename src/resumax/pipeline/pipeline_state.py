@@ -23,7 +23,8 @@ class PipelineState:
     @property
     def skips(self) -> list[dict[str, Any]]:
         """The skips (and process-layout changes, with `batches` 0) this run made, as saved in
-        the state: `{"batch", "batches", "positions": [first, last], "global_batch"}`."""
+        the state: `{"batch", "batches", "positions": [first, last], "batch_size",
+        "process_count"}`, plus `"rows": [before, after]` with PackSequences."""
         return [jump.to_json() for jump in self._jumps]
 
     def _batch_line(self) -> BatchLine:

@@ -128,5 +128,7 @@ class FiniteLossGuard:
             raise NonFiniteLossError(
                 f"the training loss is {value} at step {step}: stopped without saving that state "
                 f"({kept}). Check that the labels fit model.num_classes and the inputs are "
-                "finite, or lower optimizer.learning_rate"
+                f"finite (`resumax batches --config CONFIG --step {step} --show` prints the "
+                "records of that step), or lower optimizer.learning_rate. To go past bad data, "
+                "run again with --rewind-to STEP --skip-batches K, or set train.spike_recovery"
             )

@@ -86,8 +86,7 @@ def describe_state(step: int, state: dict[str, Any], pipeline: Pipeline | None) 
         paths = getattr(pipeline.source, "paths", None)
         if isinstance(pipeline.source, MixtureSource):
             paths = {n: getattr(s, "paths", None) for n, s in pipeline.source.components.items()}
-        named = json.dumps(paths) if paths is not None else type(pipeline.source).__name__
-        lines.append(f"dataset: {named}")
+        lines.append(f"dataset: {_dataset_words(paths, pipeline)}")
     lines.append(f"fingerprint: {source['fingerprint']}")
     lines.append(
         f"position: epoch {source['current_epoch']}, record {index} of {per_epoch} "
@@ -105,6 +104,9 @@ def describe_state(step: int, state: dict[str, Any], pipeline: Pipeline | None) 
         lines.append(f"mixture: records served per component: {counts}")
     packing = state.get("packing")
     if packing is not None:
+        lines.append(
+            "  (with packing the position is the current window's start; rows delivered below)"
+        )
         lines.append(
             f"packing: window {packing['window_index']} of {packing['window']} records, "
             f"{packing['rows_delivered']} rows of it delivered (rows of {packing['length']} "
@@ -125,8 +127,10 @@ def describe_state(step: int, state: dict[str, Any], pipeline: Pipeline | None) 
             )
     if not skips:
         lines.append("skips: none")
+    processes = state.get("process_count")
     lines.append(
-        f"batch size {state.get('batch_size')} per process x {state.get('process_count')} processes"
+        f"batch size {state.get('batch_size')} per process x {processes} "
+        f"process{'es' if processes != 1 else ''}"
     )
     return lines
 
@@ -143,14 +147,27 @@ def show_record(pipeline: Pipeline, ref: RecordRef) -> str:
     return "; ".join(parts)
 
 
+def _dataset_words(paths: Any, pipeline: Pipeline) -> str:
+    """The files of the source (of each component): their count, first and last."""
+    if paths is None:
+        return type(pipeline.source).__name__
+    if isinstance(paths, dict):
+        return "; ".join(f"{name}: {_dataset_words(p, pipeline)}" for name, p in paths.items())
+    if len(paths) <= 2:
+        return ", ".join(paths)
+    return f"{len(paths)} files, {paths[0]} ... {paths[-1]}"
+
+
 def _preview(array: np.ndarray) -> str:
     byte_tokens = array.dtype.kind in "iu" and array.ndim == 1 and array.size > 1
     if byte_tokens and array.min() >= 0 and array.max() < 256:
         text = bytes(array.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
         return json.dumps(text[: 4 * _PREVIEW] + ("..." if len(text) > 4 * _PREVIEW else ""))
-    flat = array.reshape(-1)
-    shown = np.array2string(flat[:_PREVIEW], separator=", ", max_line_width=10**6)
-    return shown + (" ..." if flat.size > _PREVIEW else "")
+    if array.ndim == 0:
+        return str(array.item())
+    flat = array.reshape(-1)[:_PREVIEW].tolist()
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in flat)
+    return f"[{shown}{', ...' if array.size > _PREVIEW else ''}]"
 
 
 def state_command(path: str, step: int | None, as_json: bool) -> str:

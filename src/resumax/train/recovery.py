@@ -53,8 +53,8 @@ class LossWatch:
             median = statistics.median(self.losses)
             if loss > self.config.factor * median:
                 return (
-                    f"loss {loss:.6g} > {self.config.factor:g} x {median:.6g}, the median of the "
-                    f"previous {self.config.window} steps"
+                    f"loss {loss:.6g} > {self.config.factor:g} x {median:.6g} (the median of the "
+                    f"previous {self.config.window} steps' losses)"
                 )
         self.losses.append(loss)
         return None
@@ -130,6 +130,11 @@ def replay_skips(pipeline: Pipeline, events: Sequence[dict[str, Any]]) -> None:
     saved before them."""
     for event in events:
         pipeline.skip(int(event["skipped_batches"]))
+    if events:
+        counts = ", ".join(f"{e['skipped_batches']} ({e['event']})" for e in events)
+        print(
+            f"replayed the skips logged at step {events[0]['step']}: {counts} batches", flush=True
+        )
 
 
 def skip_and_describe(pipeline: Pipeline, num_batches: int) -> dict[str, Any]:
@@ -189,9 +194,9 @@ def recover(run: Any, spike_step: int, reason: str) -> int:
     made = logged_events(run_dir, "spike_recovery")
     if len(made) >= spike.max_recoveries:
         raise SpikeRecoveryError(
-            f"{reason} at step {spike_step}, after {len(made)} spike recoveries (from steps "
-            f"{[e['from_step'] for e in made]}; train.spike_recovery.max_recoveries is "
-            f"{spike.max_recoveries}): stopped without saving that state"
+            f"at step {spike_step}, {reason}, after {len(made)} spike recoveries (from steps "
+            f"{', '.join(str(e['from_step']) for e in made)}; train.spike_recovery."
+            f"max_recoveries is {spike.max_recoveries}): stopped without saving that state"
         )
     checkpoint_call(run.manager, "committing", run.manager.wait_until_finished)
     run.loss_guard = FiniteLossGuard()
@@ -213,7 +218,7 @@ def recover(run: Any, spike_step: int, reason: str) -> int:
         run.metrics.write(line)
     first, last = skipped["skipped_positions"]
     tqdm.write(
-        f"spike recovery {len(made) + 1}: {reason} at step {spike_step}; restored step "
+        f"spike recovery {len(made) + 1}: at step {spike_step}, {reason}; restored step "
         f"{restored} and skipped {skipped['skipped_batches']} batches (positions "
         f"{first}..{last})"
     )
