@@ -228,3 +228,9 @@ def test_decoded_images_of_palette_mode_come_out_rgb(tmp_path):
     done = convert([str(tmp_path / "root")], str(tmp_path / "t"), decode_images=True)
     (record,) = read_all(done.paths)
     assert record["image"].shape == (3, 5, 3)
+
+
+def test_a_list_mixing_numbers_and_strings_is_a_bad_record_naming_its_field(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"a": [1, 2]}\n{"a": [1, "x"]}\n')
+    with pytest.raises(DataSourceError, match="line 2: field 'a' holds a list mixing types"):
+        convert([str(tmp_path / "m.jsonl")], str(tmp_path / "t"))

@@ -17,7 +17,7 @@ import numpy as np
 from resumax.convert.options import ConvertOptions
 
 _INT = re.compile(r"^[+-]?\d+$")
-_INT64 = (-(2**63), 2**63 - 1)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +30,6 @@ class BadRecord:
 
 class RecordError(ValueError):
     """Raised by value conversion for one record; readers turn it into a BadRecord."""
-
-
-def _int64(value: int) -> np.int64:
-    if not _INT64[0] <= value <= _INT64[1]:
-        raise ValueError(f"holds {value}, outside the int64 range")
-    return np.int64(value)
 
 
 def _str(value: str) -> str:
@@ -55,8 +49,16 @@ def json_value(name: str, value: Any) -> Any:
         )
     try:
         return convert(value)
+    except OverflowError:
+        raise RecordError(f"field {name!r} holds {value}, outside the int64 range") from None
     except ValueError as error:
         raise RecordError(f"field {name!r} {error}") from None
+
+
+def _all_strings(value: list) -> bool:
+    return all(
+        _all_strings(item) if isinstance(item, list) else isinstance(item, str) for item in value
+    )
 
 
 def _list_array(value: list) -> np.ndarray:
@@ -73,7 +75,7 @@ def _list_array(value: list) -> np.ndarray:
         return array
     if kind == "u":
         raise ValueError("holds integers outside the int64 range")
-    if kind == "U" and all(isinstance(item, str) for item in array.flat):
+    if kind == "U" and _all_strings(value):
         return array
     raise ValueError(
         f"holds a list mixing types or holding nulls or objects ({str(value)[:60]}); a list "
@@ -83,7 +85,7 @@ def _list_array(value: list) -> np.ndarray:
 
 # By exact type, the most common first: one dict lookup per value.
 _CONVERTERS: dict[type, Callable[[Any], Any]] = {
-    int: _int64,
+    int: np.int64,  # OverflowError outside the int64 range
     float: np.float64,
     str: _str,
     bool: np.bool_,
@@ -92,15 +94,26 @@ _CONVERTERS: dict[type, Callable[[Any], Any]] = {
 
 
 def csv_value(text: str) -> Any:
-    """A CSV cell as a JSON-like value: int, float, str, or None for an empty cell."""
+    """A CSV cell as a JSON-like value: int, float, str, or None for an empty cell. Only a cell
+    that starts like a number (a digit, a sign or a point) is tried as one."""
     if text == "":
         return None
+    if not (text[0].isdigit() or text[0] in "+-."):
+        return text
     if _INT.match(text):
         return int(text)
     try:
         return float(text)
     except ValueError:
         return text
+
+
+def csv_cell(text: str) -> Any:
+    """`csv_value` as a record value directly: np.int64, np.float64, str, or None."""
+    value = csv_value(text)
+    if type(value) is int:
+        return np.int64(value) if _INT64_MIN <= value <= _INT64_MAX else None  # refused below
+    return np.float64(value) if type(value) is float else value
 
 
 def make_record(
@@ -111,7 +124,12 @@ def make_record(
     """The record of one input row: `options.fields` (all fields, in input order, when None),
     each converted by `convert(name, value)`; nulls replaced by `options.fill_null` or refused.
     RecordError names a missing field or a null."""
-    if options.fields is None and options.fill_null is None:
+    if options.fields is None and options.fill_null is None and convert is json_value:
+        try:  # the common case, one lookup per value; on any failure the loop below says why
+            return {name: _CONVERTERS[type(value)](value) for name, value in raw.items()}
+        except (KeyError, ValueError, OverflowError):
+            pass
+    elif options.fields is None and options.fill_null is None:
         return {name: convert(name, value) for name, value in raw.items()}
     names = options.fields if options.fields is not None else raw.keys()
     record = {}

@@ -9,7 +9,14 @@ import io
 from collections.abc import Iterator
 
 from resumax.convert.formats.base import Item, Reader
-from resumax.convert.values import BadRecord, RecordError, csv_value, json_value, make_record
+from resumax.convert.values import (
+    BadRecord,
+    RecordError,
+    csv_cell,
+    csv_value,
+    json_value,
+    make_record,
+)
 from resumax.errors import DataSourceError
 
 
@@ -30,6 +37,10 @@ class CsvReader(Reader):
                 ) from error
 
     def count(self, unit: str) -> int:
+        with self.open(unit) as file:
+            data = file.read()
+        if b'"' not in data:  # no quoted cell, so no newline inside one: count the lines
+            return max(0, sum(1 for line in data.splitlines() if line) - 1)
         return max(0, sum(1 for _, cells in self._rows(unit) if cells) - 1)
 
     def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
@@ -37,6 +48,8 @@ class CsvReader(Reader):
         header = next((cells for _, cells in rows if cells), None)
         if header is None:
             return
+        # Without --fields or --fill-null, a row without empty cells becomes a record directly.
+        fast = self.options.fields is None and self.options.fill_null is None
         position = -1
         for line, cells in rows:
             if not cells:
@@ -50,6 +63,11 @@ class CsvReader(Reader):
                 reason = f"{len(cells)} cells where the header has {len(header)}"
                 yield BadRecord(f"{unit}, line {line}", reason)
                 continue
+            if fast:
+                values = list(map(csv_cell, cells))
+                if None not in values:
+                    yield dict(zip(header, values, strict=True))
+                    continue
             raw = {name: csv_value(cell) for name, cell in zip(header, cells, strict=True)}
             try:
                 yield make_record(raw, self.options, json_value)
