@@ -106,7 +106,7 @@ class ArrayRecordSourceModule(RecordSource):
             copies=self._cache,
         )
         if self._cache is not None:
-            self._cache.on_evict = self._files.pool.forget
+            self._cache.close_reader = self._files.pool.forget
         total = sum(paths.counts)
         if total == 0:
             raise DataSourceError(f"the data files {self.paths} hold no records")

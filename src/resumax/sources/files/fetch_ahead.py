@@ -132,6 +132,10 @@ class ReadAhead:
                         self.cache.unpin(done)
                         for file_id in done:
                             del held[file_id]
+                            # Likely evicted before its next use: closed while its file exists,
+                            # the eviction's unlink (no GIL held) frees the disk.
+                            if self.cache.close_reader is not None:
+                                self.cache.close_reader(file_id)
                         release_at = min(held.values(), default=NEVER)
                 if self._keep_all and len(held) == num_files:
                     with self._changed:

@@ -1,5 +1,6 @@
 """`open_many`: the readers a read needs that a `ReaderPool` lacks, opened half in a helper thread
-while the calling thread opens the other half (ArrayRecord's reader releases the GIL in part).
+while the calling thread opens the other half (ArrayRecord's reader releases the GIL in part);
+`close_in_background`: readers of evicted copies closed in that thread.
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ def open_many(pool: ReaderPool, file_ids: Sequence[int]) -> None:
         return
     for file_id, reader in zip(missing, theirs + mine, strict=True):
         pool.put(file_id, reader)
+
+
+def close_in_background(readers: Sequence[Any]) -> None:
+    """Closes readers in the helper thread: closing a reader of a deleted file frees its disk,
+    which can take milliseconds that the read asking for it need not wait."""
+    _executor().submit(_close_each, readers)
+
+
+def _close_each(readers: Sequence[Any]) -> None:
+    for reader in readers:
+        reader.close()
 
 
 def _open_each(pool: ReaderPool, file_ids: Sequence[int]) -> list[Any] | None:

@@ -18,7 +18,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from resumax.errors import DataFileNotFoundError, DataSourceError
-from resumax.sources.files.parallel_open import open_many
+from resumax.sources.files.parallel_open import close_in_background, open_many
 
 # The default pool leaves half the process's open-file limit, and at least _MIN_RESERVE
 # descriptors, to everything else the process opens (sockets, pipes to workers, JAX, checkpoints):
@@ -214,13 +214,17 @@ class ReaderPool:
 
     def _look_for_evicted(self) -> None:
         """When the copies' directory changed since the last look (one stat): marks open
-        readers whose copy another process evicted."""
+        readers whose copy another process evicted, from one listing (a stat per reader would
+        give up the GIL, and wait to get it back, once per reader)."""
         if self.copies is None:
             return
         changed = os.stat(self.copies.directory).st_mtime_ns
         if changed != self._copies_seen:
+            present = set(os.listdir(self.copies.directory))
             path = self.copies.path
-            self.evicted.update(f for f in self.open_readers if not os.path.exists(path(f)))
+            self.evicted.update(
+                f for f in self.open_readers if os.path.basename(path(f)) not in present
+            )
             self._copies_seen = changed
 
     def close_evicted(self) -> None:
@@ -229,10 +233,13 @@ class ReaderPool:
         if self.copies is None:
             return
         self._look_for_evicted()
+        closing = []
         while self.evicted:
             reader = self.open_readers.pop(self.evicted.pop(), None)
             if reader is not None:
-                reader.close()
+                closing.append(reader)
+        if closing:
+            close_in_background(closing)
 
     def get(self, file_id: int) -> Any:
         """The reader of file `file_id`; call with `lock` held."""

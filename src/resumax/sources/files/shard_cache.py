@@ -100,7 +100,9 @@ class ShardCache:
         self._dirs = {name: os.path.join(root, name) for name in ("shards", "tmp", "locks")}
         for directory in self._dirs.values():
             os.makedirs(directory, exist_ok=True)
-        self._by_key = {shards.key(file_id): file_id for file_id in range(len(shards.urls))}
+        self._by_name = {
+            shards.key(file_id) + _SHARD_SUFFIX: file_id for file_id in range(len(shards.urls))
+        }
         self._paths = [shard_path(root, shards.key(f)) for f in range(len(shards.urls))]
         self._pins: dict[int, tuple[int, int]] = {}  # file id -> (fd, count)
         self._lock = threading.Lock()
@@ -112,10 +114,12 @@ class ShardCache:
         self.present: set[int] = set()
         # Farthest next use first: set by the owner (from the read order); None: listing order.
         self.next_use: Callable[[], np.ndarray] | None = None
-        # Called with each file id this object evicts (e.g. to close a reader of it).
-        self.on_evict: Callable[[int], None] | None = None
+        # Closes this process's reader of a shard (at the reader's next read): called with each
+        # shard this object evicts, and each one a read-ahead releases while the set does not
+        # fit (closing a reader of a deleted file frees its disk: slow, and it holds the GIL).
+        self.close_reader: Callable[[int], None] | None = None
         self.downloaded_bytes = 0
-        self._filesystems: dict[int, tuple[Any, str]] = {}
+        self._filesystems: dict[str | None, Any] = {}  # by protocol
         # The size each shard's name records (`<hash>-<size>.array_record`), parsed once.
         self._sizes_by_name: dict[str, int] = {}
 
@@ -199,12 +203,16 @@ class ShardCache:
                 os.remove(partial)
 
     def _remote(self, file_id: int) -> tuple[Any, str]:
-        """(fsspec filesystem, path in it) of a shard, resolved once per shard and process."""
-        found = self._filesystems.get(file_id)
-        if found is None:
-            found = storage.filesystem(self.shards.urls[file_id], self.shards.storage_options)
-            self._filesystems[file_id] = found
-        return found
+        """(fsspec filesystem, path in it) of a shard; one filesystem per protocol, made once
+        per process."""
+        url = self.shards.urls[file_id]
+        scheme = storage.protocol(url)
+        fs = self._filesystems.get(scheme)
+        if fs is None:
+            fs, path = storage.filesystem(url, self.shards.storage_options)
+            self._filesystems[scheme] = fs
+            return fs, path
+        return fs, fs._strip_protocol(url)
 
     def _check(self, file_id: int, partial: str) -> None:
         """Refuses a download whose size or content hash is not the index's."""
@@ -289,20 +297,15 @@ class ShardCache:
     def _victims(self, names: list[str], evict_after: int | None) -> list[str]:
         """Cached shard names, the one to evict first first: shards of other sets, then this
         set's by farthest next use (only those used after `evict_after`, if given)."""
-        next_use = self.next_use() if self.next_use is not None else None
-
-        suffix = len(_SHARD_SUFFIX)
-        ranks = {}
-        for name in names:
-            file_id = self._by_key.get(name[:-suffix])
-            if file_id is None:
-                ranks[name] = float("inf")
-            else:
-                ranks[name] = float(next_use[file_id]) if next_use is not None else 0.0
-        ranked = sorted(names, key=ranks.__getitem__, reverse=True)
-        if evict_after is None:
-            return ranked
-        return [name for name in ranked if ranks[name] > evict_after]
+        by_name = self._by_name
+        file_ids = np.fromiter((by_name.get(name, -1) for name in names), np.int64, len(names))
+        ours = file_ids >= 0
+        ranks = np.full(len(names), np.inf)
+        ranks[ours] = self.next_use()[file_ids[ours]] if self.next_use is not None else 0.0
+        order = np.argsort(-ranks, kind="stable")
+        if evict_after is not None:
+            order = order[ranks[order] > evict_after]
+        return [names[position] for position in order.tolist()]
 
     def _evict(self, name: str) -> int:
         """Removes a cached shard unless a process pins it; the bytes freed (0 if pinned)."""
@@ -319,11 +322,11 @@ class ShardCache:
             return 0  # pinned
         finally:
             os.close(fd)
-        file_id = self._by_key.get(name[: -len(_SHARD_SUFFIX)])
+        file_id = self._by_name.get(name)
         if file_id is not None:
             self.present.discard(file_id)
-            if self.on_evict is not None:
-                self.on_evict(file_id)
+            if self.close_reader is not None:
+                self.close_reader(file_id)
         return size
 
     # Pins -------------------------------------------------------------------------------------
