@@ -1,17 +1,18 @@
 """`resumax convert` throughput per input format: the local engine and Apache Beam with 2 worker
 processes, against the format's own reader followed by `write_shards`.
 
-Run: `.venv/bin/python benchmarks/convert.py [--records 100000] [--formats jsonl,csv,...]` (about
-6 minutes on 2 cores). Each format's input is 4 files (an image folder: 4 class directories; a
-Hugging Face dataset: one directory) of records like `tests/convert_inputs.py` writes (an id, a
-short text, a float, a pair of floats; 4x4 PNGs for images), written once into a temporary
-directory. Every conversion writes 8 shards. The baseline reads with the format's own library
-(json, csv, pyarrow, PIL-free file reads, datasets, numpy; for TFRecord, which has no reader
-without TensorFlow, a plain framing loop and `resumax.TFExample`), builds the same records and
-calls `write_shards`. Beam runs on FnApiRunner with `direct_num_workers=2`,
-`direct_running_mode=multi_processing`; its startup (launch, plan, worker processes) lasts until
-a worker creates the first shard file, which a thread watches for; its records/s counts the
-time from then on (reading, writing, the commit).
+Run: `.venv/bin/python benchmarks/convert.py [--records 100000] [--formats jsonl,csv,...]
+[--repeats 3]` (about 15 minutes on 2 cores). Each format's input is 4 files (an image folder:
+4 class directories; a Hugging Face dataset: one directory) of records like
+`tests/convert_inputs.py` writes (an id, a short text, a float, a pair of floats; 4x4 PNGs for
+images), written once into a temporary directory. Every conversion writes 8 shards. The baseline
+reads with the format's own library (json, csv, pyarrow, plain file reads, datasets, numpy; for
+TFRecord, which has no reader without TensorFlow, a plain framing loop and `resumax.TFExample`),
+builds the same records and calls `write_shards`. The baseline and the local engine alternate
+for `--repeats` rounds; their rates and ratio are medians over the rounds. Beam runs once, on
+FnApiRunner with `direct_num_workers=2`, `direct_running_mode=multi_processing`; its startup
+(launch, plan, worker processes) lasts until a worker creates the first shard file, which a
+thread watches for; its records/s counts the time from then on (reading, writing, the commit).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import csv
 import json
 import os
 import shutil
+import statistics
 import struct
 import sys
 import tempfile
@@ -177,17 +179,22 @@ def timed_beam(inputs: list[str], prefix: str) -> tuple[float, float]:
     return first[0] - start, end - first[0]
 
 
-def measure(format: str, directory: str, records: int) -> str:
-    """One table row: the baseline, the local engine and Beam on `records` of `format`."""
+def measure(format: str, directory: str, records: int, repeats: int) -> str:
+    """One table row: the baseline and the local engine in `repeats` interleaved rounds (rates
+    and ratio: medians over rounds), then Beam once."""
     inputs = make_inputs(format, os.path.join(directory, format), records)
     out = os.path.join(directory, f"{format}-out")
-    base = timed(baseline, format, inputs, f"{out}/base")
-    local = timed(convert, inputs, f"{out}/local/train", num_shards=SHARDS)
+    bases, locals_ = [], []
+    for round_ in range(repeats):
+        bases.append(timed(baseline, format, inputs, f"{out}/base{round_}/train"))
+        locals_.append(timed(convert, inputs, f"{out}/local{round_}/train", num_shards=SHARDS))
     startup, work = timed_beam(inputs, f"{out}/beam/train")
     for path in (format, f"{format}-out"):
         shutil.rmtree(os.path.join(directory, path))
+    base, local = statistics.median(bases), statistics.median(locals_)
+    ratio = statistics.median(b / c for b, c in zip(bases, locals_, strict=True))
     return (
-        f"| {format} | {records / base:,.0f} | {records / local:,.0f} | {base / local:.2f} "
+        f"| {format} | {records / base:,.0f} | {records / local:,.0f} | {ratio:.2f} "
         f"| {records / work:,.0f} | {startup:.1f} s | {local / work:.2f} |"
     )
 
@@ -196,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--formats", default=",".join(convert_inputs.FORMATS))
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of baseline and local")
     args = parser.parse_args()
     directory = tempfile.mkdtemp(prefix="resumax-bench-convert-")
     try:
@@ -205,7 +213,7 @@ def main() -> None:
         )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for format in args.formats.split(","):
-            print(measure(format, directory, args.records), flush=True)
+            print(measure(format, directory, args.records, args.repeats), flush=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
