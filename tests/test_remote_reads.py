@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from resumax import write_array_record
 from resumax.errors import ConfigError
 from resumax.pipeline import Pipeline
 from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
@@ -20,6 +21,7 @@ from resumax.sources.files.remote import parse_bytes
 from tests.conftest import assert_batches_equal, batches_and_state, take
 from tests.remote_sets import (
     BATCH,
+    EXAMPLES,
     NUM_SHARDS,
     ORDERS,
     PER_SHARD,
@@ -285,6 +287,18 @@ def test_without_an_index_one_log_line_points_to_resumax_index(
     assert source.fingerprint == ArrayRecordSourceModule(cfg, local_set).fingerprint
     assert_batches_equal(read_all(source), local_batches(local_set, cfg))
     assert_cache_trustworthy(tmp_path / "cache")
+
+
+def test_without_an_index_objects_not_named_as_shards_are_not_sent_to_resumax_index(
+    s3_server, s3_bucket, tmp_path, caplog
+):
+    options = s3_server.storage_options
+    write_array_record(f"{s3_bucket}/one.array_record", EXAMPLES[:20], storage_options=options)
+    with caplog.at_level(logging.INFO, logger="resumax"):
+        source = remote((s3_server, f"{s3_bucket}/one.array_record"), config("global"), tmp_path)
+    (line,) = [r.getMessage() for r in caplog.records if "no shard index" in str(r.msg)]
+    assert "indexes -NNNNN-of-MMMMM sets only" in line and "write_shards" in line
+    assert len(source) == 20
 
 
 # --- The cache limit -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from resumax.cli import main
 from resumax.sources import tfds_source
 from tests.conftest import make_examples
 from tests.test_tfds import write_tfds_directory
+from tests.training_runs import REPO
 
 
 def upload_tree(server, local: str, url: str) -> None:
@@ -72,8 +73,21 @@ def test_inspect_and_profile_take_urls(tmp_path, capsys, s3_server, s3_bucket):
         arguments = ["profile", glob, "--storage-options", options, "--seconds", "0.2"]
         assert main([*arguments, "--batch-size", "8"]) == 0
         assert "records/s" in capsys.readouterr().out
+        window = ["--shuffle-window", "8", "--cache-limit", "1MB", "--batch-size", "8"]
+        assert main([*arguments, *window]) == 0
+        assert "records/s" in capsys.readouterr().out
+        assert main([*arguments, "--shuffle-window", "8", "--cache-limit", "10B"]) == 2
+        assert "cache_limit=10 bytes is too small" in capsys.readouterr().err
     finally:
         del os.environ["RESUMAX_CACHE_DIR"]
+
+
+@pytest.mark.parametrize(
+    "flag", ["--shuffle-window=8", "--cache-limit=1GB", "--storage-options={}"]
+)
+def test_profile_refuses_path_options_with_a_config(capsys, flag):
+    assert main(["profile", "--config", str(REPO / "configs" / "digits.yaml"), flag]) == 2
+    assert f"give {flag.split('=')[0]} as an override of the config" in capsys.readouterr().err
 
 
 def test_inspect_names_a_missing_bucket(capsys, s3_server):

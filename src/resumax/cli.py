@@ -80,11 +80,16 @@ def _profile(args: argparse.Namespace) -> int:
     from resumax.profile import profile_pipeline
 
     if args.config:
-        if args.storage_options is not None:
-            raise ConfigError(
-                "with --config, give storage options as overrides of the config, e.g. "
-                "data.storage_options.endpoint_url=http://...; --storage-options is for paths"
-            )
+        for flag, value, key in (
+            ("--storage-options", args.storage_options, "data.storage_options.endpoint_url=..."),
+            ("--shuffle-window", args.shuffle_window, "data.shuffle_window=..."),
+            ("--cache-limit", args.cache_limit, "data.cache_limit=..."),
+        ):
+            if value is not None:
+                raise ConfigError(
+                    f"with --config, give {flag} as an override of the config, e.g. {key}; "
+                    f"{flag} is for paths"
+                )
         from resumax.train import distributed
         from resumax.train.config import load_config
         from resumax.train.loop import make_task, prepare_task_data
@@ -94,8 +99,8 @@ def _profile(args: argparse.Namespace) -> int:
         mesh = distributed.data_parallel_mesh()
         pipeline = task.build_pipeline(distributed.pipeline_sharding(mesh))
     elif args.targets:
-        config = ArrayRecordSourceConfig(shuffle_files=True)
-        options = {"storage_options": args.storage_options}
+        config = ArrayRecordSourceConfig(shuffle_files=True, shuffle_window=args.shuffle_window)
+        options = {"storage_options": args.storage_options, "cache_limit": args.cache_limit}
         source = ArrayRecordSourceModule(config, args.targets, **options)
         pipeline = Pipeline(source, batch_size=args.batch_size)
     else:
@@ -183,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--batch-size", type=_positive_int, default=256, help="for paths")
     profile.add_argument(
         "--seconds", type=_positive_float, default=2.0, help="duration of each measurement"
+    )
+    profile.add_argument(
+        "--shuffle-window",
+        type=_positive_int,
+        metavar="RECORDS",
+        help="for paths: shuffle records within windows of this many (read file by file; a "
+        "set in a bucket then needs only a few windows' shards in the cache)",
+    )
+    profile.add_argument(
+        "--cache-limit",
+        metavar="BYTES",
+        help="for URL paths: the shard cache's limit, e.g. 20GB (default 80%% of free disk)",
     )
     _add_storage_options(profile)
     profile.set_defaults(run=_profile)

@@ -121,13 +121,21 @@ def _count_by_download(
     storage_options: dict[str, Any],
     settings: CacheSettings,
 ) -> None:
+    names = [listing.urls[position].rpartition("/")[2] for position in missing]
+    if any(shard_index.ShardName.parse(name) for name in names):
+        advice = "`resumax index PATTERN` writes the index once"
+    else:
+        advice = (
+            "`resumax index` indexes -NNNNN-of-MMMMM sets only: write the set with "
+            "resumax.write_shards or `resumax convert` (shards and their index)"
+        )
     logger.warning(
         "no shard index describes %d of %d object(s) (e.g. %s): downloading each to count its "
-        "records. `resumax index PATTERN` writes the index once, so that later runs start "
-        "without downloading",
+        "records. %s, so that later runs start without downloading",
         len(missing),
         len(listing.urls),
         listing.urls[missing[0]],
+        advice,
     )
     shards = RemoteShards(
         tuple(listing.urls), tuple(listing.sizes), tuple(listing.hashes), storage_options
