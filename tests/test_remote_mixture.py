@@ -10,6 +10,7 @@ import pytest
 
 import resumax
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, MixtureSource, Pipeline
+from resumax.errors import ConfigError
 from tests.conftest import assert_batches_equal, batches_and_state
 
 WINDOWED = ArrayRecordSourceConfig(seed=3, shuffle_files=True, shuffle_window=30)
@@ -62,3 +63,31 @@ def test_a_mixture_of_bucket_sources_reads_as_the_local_one_and_resumes(
     assert_batches_equal(first + rest, expected)
     held = sum(entry.stat().st_size for entry in os.scandir(tmp_path / "cache" / "shards"))
     assert held <= 12 * shard_size
+
+
+def test_components_sharing_a_cache_dir_are_checked_together(tmp_path, s3_server, copies):
+    """Each component alone fits cache_limit (prose needs 4 shards at once, code 6), but a
+    mixture reads both at once through the one directory: refused, unless each has its own."""
+    local, bucket = copies
+    limit = 8 * os.path.getsize(local / "prose-00000-of-00006.array_record")
+
+    def components(cache_dirs: dict[str, str]) -> dict[str, ArrayRecordSourceModule]:
+        return {
+            name: ArrayRecordSourceModule(
+                WINDOWED,
+                f"{bucket}/{name}-*.array_record",
+                storage_options=s3_server.storage_options,
+                cache_dir=cache_dirs[name],
+                cache_limit=limit,
+            )
+            for name in ("prose", "code")
+        }
+
+    shared = components({"prose": tmp_path / "cache", "code": tmp_path / "cache"})
+    refused = r"together need .*'code' \d+, 'prose' \d+.* own cache_dir"
+    with pytest.raises(ConfigError, match=refused):
+        MixtureSource(ArrayRecordSourceConfig(seed=1), shared, {"prose": 2, "code": 1})
+    apart = components({"prose": tmp_path / "prose", "code": tmp_path / "code"})
+    source = MixtureSource(ArrayRecordSourceConfig(seed=1), apart, {"prose": 2, "code": 1})
+    batches, _ = batches_and_state(Pipeline(source, batch_size=8, rngs=0), 5)
+    assert len(batches) == 5

@@ -119,13 +119,21 @@ class ArrayRecordSourceModule(RecordSource):
             self._schedule = FileSchedule(paths.counts, config)
             _check_cache_limit(self._schedule, paths.shards.sizes, paths.settings.limit)
 
-    def read_ahead_limit(self) -> int | None:
-        """With URL paths: the positions whose shards `cache_limit` holds at once."""
+    def read_ahead_limit(self, room: int | None = None) -> int | None:
+        """With URL paths: the positions whose shards `room` bytes (default: `cache_limit`)
+        hold at once."""
         if self._cache is None:
             return None
-        return self._schedule.positions_within(
-            self._resolved.shards.sizes, self._cache.settings.limit
-        )
+        room = self._cache.settings.limit if room is None else room
+        return self._schedule.positions_within(self._resolved.shards.sizes, room)
+
+    def cache_needs(self) -> tuple[str, int, int] | None:
+        """With URL paths: (cache directory, bytes of shards the read order needs on disk at
+        once with a window read ahead, cache_limit); None for local paths."""
+        if self._cache is None:
+            return None
+        needed = _bytes_needed(self._schedule, self._resolved.shards.sizes)
+        return self._cache.settings.directory, needed, self._cache.settings.limit
 
     def spans_ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
         """With URL paths: each span once its shards are in the local cache (and pinned there
@@ -283,11 +291,16 @@ def _urls(paths: Any) -> list[str]:
     return urls
 
 
+def _bytes_needed(schedule: FileSchedule, sizes: Sequence[int]) -> int:
+    """The bytes of shards the read order needs on disk at once, counting one window (or one
+    shard's records) read ahead, the least a pipeline reads ahead."""
+    return schedule.bytes_at_once(sizes, schedule.window or int(max(schedule.counts)))
+
+
 def _check_cache_limit(schedule: FileSchedule, sizes: Sequence[int], limit: int) -> None:
     """ConfigError when the read order needs more bytes on disk at once than `limit`, counting
     one window (or one shard's records) read ahead, the least a pipeline reads ahead."""
-    ahead = schedule.window or int(max(schedule.counts))
-    needed = schedule.bytes_at_once(sizes, ahead)
+    needed = _bytes_needed(schedule, sizes)
     if needed <= limit:
         return
     if schedule.global_shuffle:

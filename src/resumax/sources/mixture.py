@@ -128,6 +128,7 @@ class MixtureSource(RecordSource):
             raise ConfigError("a MixtureSource takes no shuffle_window; set it on its components")
         self.names = tuple(_check_components(sources, weights))
         self.components = {name: sources[name] for name in self.names}
+        mixture_reads.check_shared_caches(self)
         self.weights = {name: _json_number(weights[name]) for name in self.names}
         self.allow_new_components = bool(allow_new_components)
         self._shares = schedule.integer_weights([self.weights[n] for n in self.names])

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from resumax.errors import ConfigError
 from resumax.sources.base import RecordSource
 from resumax.sources.record_ref import RecordRef
 
@@ -84,13 +85,52 @@ def _prepare(
             next(component)
 
 
+def _cache_needs(mixture: Mixture) -> dict[str, list[tuple[str, int, int]]]:
+    """Cache directory -> (component, bytes it needs on disk at once, its cache_limit) of the
+    components that read through a shard cache."""
+    groups: dict[str, list[tuple[str, int, int]]] = {}
+    for name in mixture.names:
+        needs = getattr(mixture.components[name], "cache_needs", None)
+        found = needs() if needs is not None else None
+        if found is not None:
+            directory, needed, limit = found
+            groups.setdefault(directory, []).append((name, needed, limit))
+    return groups
+
+
+def check_shared_caches(mixture: Mixture) -> None:
+    """ConfigError when components that share a cache directory need more bytes on disk at
+    once, together, than its cache_limit: a mixture reads all its components at once, and the
+    directory holds at most cache_limit bytes whichever source fills it."""
+    for directory, members in _cache_needs(mixture).items():
+        total = sum(needed for _, needed, _ in members)
+        limit = min(limit for _, _, limit in members)
+        if len(members) > 1 and total > limit:
+            each = ", ".join(f"{name!r} {needed}" for name, needed, _ in members)
+            raise ConfigError(
+                f"mixture components read through one cache_dir {directory!r} and together need "
+                f"{total} bytes of shards on disk at once ({each}), more than cache_limit="
+                f"{limit}: give each component its own cache_dir, raise cache_limit to at least "
+                f"{total} bytes, or read with smaller shuffle_windows"
+            )
+
+
 def read_ahead_limit(mixture: Mixture, shares: Sequence[int]) -> int | None:
     """The mixture positions whose draws every component can read ahead (None: no bound): a
-    component with a share s of the positions and a limit L bounds them to about L / s."""
+    component with a share s of the positions and L bytes of room (its cache_limit, less what
+    the components sharing its cache directory need) bounds them to about L / s."""
+    room: dict[str, int] = {}
+    for members in _cache_needs(mixture).values():
+        for name, _, limit in members:
+            room[name] = limit - sum(needed for other, needed, _ in members if other != name)
     total = sum(shares)
     limits = []
     for name, share in zip(mixture.names, shares, strict=True):
-        limit = mixture.components[name].read_ahead_limit()
+        component = mixture.components[name]
+        if name in room:
+            limit = component.read_ahead_limit(room[name])
+        else:
+            limit = component.read_ahead_limit()
         if limit is not None:
             limits.append(limit * total // max(share, 1))
     return min(limits) if limits else None
