@@ -31,9 +31,11 @@ from tests import training_runs
 from tests.training_runs import (
     REPO,
     Training,
+    bucket_overrides,
     committed_steps,
     logged_steps,
     partial_steps,
+    upload_dir,
     wait_until,
 )
 
@@ -252,20 +254,12 @@ def test_cnn_config_trains_in_process_logging_on_log_and_eval_steps(tmp_path, di
 def test_digits_from_an_s3_copy_train_bitwise_the_same_run(
     tmp_path, digits_dir, uninterrupted, s3_server, s3_bucket
 ):
-    fs = s3_server.filesystem()
-    for path in sorted(digits_dir.iterdir()):
-        fs.put_file(str(path), f"{s3_bucket}/digits/{path.name}")
-    options = s3_server.storage_options
-    overrides = [f"data.storage_options.{key}={value}" for key, value in options.items()]
-    overrides = [item for item in overrides if not item.startswith("data.storage_options.client")]
-    region = options.get("client_kwargs", {}).get("region_name")
-    if region is not None:
-        overrides.append(f"data.storage_options.client_kwargs.region_name={region}")
+    upload_dir(s3_server, digits_dir, f"{s3_bucket}/digits")
     run_dir = tmp_path / "run"
     cache_dir = tmp_path / "cache"
     with pytest.raises(resumax.ConfigError, match="data.prepare=null"):
         load_config(CONFIG, [f"data.dir={s3_bucket}/digits"])
-    overrides += ["data.prepare=null", f"data.cache_dir={cache_dir}"]
+    overrides = bucket_overrides(s3_server.storage_options, cache_dir)
     stdout = start(run_dir, f"{s3_bucket}/digits", *overrides)
     assert_same_run(run_dir, uninterrupted, stdout.finish())
     cached = sorted(path.name for path in (cache_dir / "shards").iterdir())

@@ -22,9 +22,11 @@ from tests import training_runs
 from tests.training_runs import (
     REPO,
     Training,
+    bucket_overrides,
     committed_steps,
     logged_steps,
     partial_steps,
+    upload_dir,
     wait_until,
 )
 
@@ -54,9 +56,9 @@ def text_dir(tmp_path_factory):
     return directory
 
 
-def start(run_dir: Path, data_dir: Path) -> Training:
-    """A language-model training child with this file's small settings."""
-    return Training(CONFIG, run_dir, data_dir, OVERRIDES)
+def start(run_dir: Path, data_dir: Path | str, *overrides: str) -> Training:
+    """A language-model training child with this file's small settings (and `overrides`)."""
+    return Training(CONFIG, run_dir, data_dir, [*OVERRIDES, *overrides])
 
 
 def assert_same_run(run_dir: Path, reference: tuple[Path, str], stdout: str) -> None:
@@ -156,3 +158,16 @@ def test_sigkill_during_a_save_then_restart_is_bitwise_identical(tmp_path, text_
     assert f"resumed from step {committed[-1]}" in stdout
     assert not partial_steps(run_dir)
     assert_same_run(run_dir, uninterrupted, stdout)
+
+
+@pytest.mark.slow
+def test_the_corpora_from_an_s3_copy_train_bitwise_the_same_run(
+    tmp_path, text_dir, uninterrupted, s3_server, s3_bucket
+):
+    upload_dir(s3_server, text_dir, f"{s3_bucket}/stdlib_text")
+    cache_dir = tmp_path / "cache"
+    overrides = bucket_overrides(s3_server.storage_options, cache_dir)
+    stdout = start(tmp_path / "run", f"{s3_bucket}/stdlib_text", *overrides).finish()
+    assert_same_run(tmp_path / "run", uninterrupted, stdout)
+    shards = [path for path in text_dir.iterdir() if path.suffix == ".array_record"]
+    assert len(list((cache_dir / "shards").iterdir())) == len(shards)

@@ -115,3 +115,24 @@ def assert_same_run(
         assert value.dtype == expected.dtype, name
         assert np.array_equal(value, expected), f"{name} differs"
     assert params_digest(stdout) == params_digest(reference_stdout)
+
+
+def upload_dir(server, directory: Path, url: str) -> None:
+    """Copies every file of `directory` to `url` on a test bucket server (tests/buckets.py)."""
+    fs = server.filesystem()
+    for path in sorted(directory.iterdir()):
+        fs.put_file(str(path), f"{url}/{path.name}")
+
+
+def bucket_overrides(storage_options: dict, cache_dir: Path) -> list[str]:
+    """The training config's keys that read data from a test bucket server: its
+    `storage_options` as `data.storage_options.*`, no `data.prepare`, and `data.cache_dir`."""
+    overrides = [
+        f"data.storage_options.{key}={value}"
+        for key, value in storage_options.items()
+        if key != "client_kwargs"
+    ]
+    region = storage_options.get("client_kwargs", {}).get("region_name")
+    if region is not None:
+        overrides.append(f"data.storage_options.client_kwargs.region_name={region}")
+    return [*overrides, "data.prepare=null", f"data.cache_dir={cache_dir}"]
