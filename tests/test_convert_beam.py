@@ -166,3 +166,23 @@ def test_skipped_bad_records_give_the_same_shards_on_beam(tmp_path):
     )
     assert_same_set(on_beam, local)
     assert local.num_records == 147
+
+
+def test_beam_workers_upload_to_a_bucket_the_local_engines_objects(tmp_path, s3_server, s3_bucket):
+    inputs = write_jsonl(tmp_path / "in")
+    options = s3_server.storage_options
+    local = convert(inputs, f"{s3_bucket}/local/t", num_shards=3, storage_options=options)
+    on_beam = convert(
+        inputs,
+        f"{s3_bucket}/beam/t",
+        num_shards=3,
+        engine="beam",
+        pipeline_options=TWO_THREADS,
+        storage_options=options,
+    )
+    fs = s3_server.filesystem()
+    assert [fs.cat_file(url) for url in on_beam.paths] == [fs.cat_file(url) for url in local.paths]
+    indexes = [json.loads(fs.cat_file(done.index)) for done in (local, on_beam)]
+    for index in indexes:
+        index.pop("mtime_ns"), index.pop("names")
+    assert indexes[0] == indexes[1] and indexes[1]["metadata"]["sources"][0]["path"] == inputs[0]

@@ -13,6 +13,8 @@ engine instead has each worker read its shard's records from the input itself.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from resumax.convert.plan import Plan
 from resumax.convert.stream import BadLimit, encoded_items
 from resumax.convert.values import BadRecord
 from resumax.errors import DataSourceError
+from resumax.records import remote, shard_index, storage
 from resumax.records.codec import encode
 from resumax.records.writers import shard_paths
 
@@ -164,31 +167,95 @@ def _shard_records(reader: Reader, plan: Plan, shard: int) -> Iterator[bytes]:
             )
 
 
-def _write_planned_shard(shard: int, reader: Reader, plan: Plan, prefix: str, resume: bool) -> int:
+def _write_planned_shard(
+    shard: int,
+    reader: Reader,
+    plan: Plan,
+    prefix: str,
+    resume: bool,
+    storage_options: storage.StorageOptions,
+) -> tuple[int, dict | None]:
+    """Writes one shard of the plan; to a URL prefix, into this worker's staging directory,
+    then uploads it. Returns (shard, its `.done` record for a URL, else None)."""
     records = _shard_records(reader, plan, shard)
-    shards.write_shard(prefix, shard, plan.num_shards, records, resume)
-    return shard
+    if not storage.is_url(prefix):
+        shards.write_shard(prefix, shard, plan.num_shards, records, resume)
+        return shard, None
+    local = shards.staging_prefix(prefix)
+    shards.write_shard(local, shard, plan.num_shards, records, resume)
+    written = shard_paths(local, plan.num_shards)[shard] + shards.PARTIAL
+    remote.upload_file(written, shard_paths(prefix, plan.num_shards)[shard], storage_options)
+    return shard, shards.done_record(local, shard, plan.num_shards)
+
+
+def _commit_planned(
+    written: list[tuple[int, dict | None]],
+    prefix: str,
+    plan: Plan,
+    resume: bool,
+    storage_options: storage.StorageOptions,
+) -> list[str]:
+    if not storage.is_url(prefix):
+        numbers = [shard for shard, _ in written]
+        return _commit(numbers, prefix, plan.num_shards, plan.num_records, plan.metadata, resume)
+    urls = shard_paths(prefix, plan.num_shards)
+    done = dict(written)
+    fs, first_key = storage.filesystem(urls[0], storage_options)
+    directory = first_key.rpartition("/")[0]
+    fs.invalidate_cache(directory)
+    listed = {info["name"].rstrip("/"): info for info in fs.ls(directory, detail=True)}
+    entries = []
+    for shard, url in enumerate(urls):
+        info = listed.get(storage.filesystem(url, storage_options)[1])
+        record = done[shard]
+        if info is None or info.get("size") != record["bytes"]:
+            raise DataSourceError(
+                f"{url!r} was uploaded with {record['bytes']} bytes but the bucket lists "
+                f"{info and info.get('size')}: did another writer replace it? Convert again"
+            )
+        name = url.rpartition("/")[2]
+        mtime = remote.object_mtime_ns(info)
+        entries.append((name, record["records"], record["bytes"], mtime, record["content_hash"]))
+    remote.upload_index(entries, shard_index.index_path(prefix), storage_options, plan.metadata)
+    shutil.rmtree(os.path.dirname(shards.staging_prefix(prefix)), ignore_errors=True)
+    return urls
 
 
 def write_beam(
-    reader: Reader, plan: Plan, prefix: str, resume: bool, pipeline_options: list[str]
+    reader: Reader,
+    plan: Plan,
+    prefix: str,
+    resume: bool,
+    pipeline_options: list[str],
+    storage_options: storage.StorageOptions = None,
 ) -> list[str]:
     """Runs the plan on Beam with `pipeline_options` (command-line style); returns the paths.
 
     The plan gives each shard's records as parts of units (`Plan.shard_reads`), so each shard
     is read and written by one worker and no record crosses a process boundary; the commit is
-    `WriteShards`'.
+    `WriteShards`'. To a URL prefix, each worker writes its shards locally and uploads them,
+    and the final step uploads the index (the bucket's old index is deleted first, so it never
+    describes a mix of old and new shards).
     """
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    arguments = (plan.num_shards, plan.num_records, plan.metadata, resume)
+    if storage.is_url(prefix):
+        index_url = shard_index.index_path(prefix)
+        fs, index_key = storage.filesystem(index_url, storage_options)
+        try:
+            fs.rm_file(index_key)
+        except FileNotFoundError:
+            pass
+        except Exception as error:
+            raise remote.write_error(index_url, error) from error
     with beam.Pipeline(options=PipelineOptions(pipeline_options)) as pipeline:
         _ = (
             pipeline
             | "Shards" >> beam.Create(list(range(plan.num_shards)))
             | "Spread" >> beam.Reshuffle()
-            | "WriteShard" >> beam.Map(_write_planned_shard, reader, plan, prefix, resume)
+            | "WriteShard"
+            >> beam.Map(_write_planned_shard, reader, plan, prefix, resume, storage_options)
             | "Written" >> beam.combiners.ToList()
-            | "Commit" >> beam.Map(_commit, prefix, *arguments)
+            | "Commit" >> beam.Map(_commit_planned, prefix, plan, resume, storage_options)
         )
     return shard_paths(prefix, plan.num_shards)

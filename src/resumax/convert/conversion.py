@@ -4,17 +4,16 @@ local engine or on Apache Beam, to a local prefix or a URL."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 
 from resumax.convert import inputs as input_files
-from resumax.convert.formats import reader_for
+from resumax.convert.formats import Reader, reader_for
 from resumax.convert.local import progress_bar, write_local
 from resumax.convert.options import ConvertOptions
 from resumax.convert.plan import Plan, make_plan
+from resumax.convert.shards import staging_prefix
 from resumax.errors import ConfigError
 from resumax.records import remote, shard_index, storage
 from resumax.records.writers import shard_paths
@@ -68,8 +67,9 @@ def convert(
     byte-identical to the local engine's. `resume=True` keeps the shards an interrupted attempt
     completed (checked against the records this one would write) and writes the rest.
 
-    A URL prefix is written in a local staging directory (kept across attempts for `resume`),
-    then uploaded, the index last.
+    A URL prefix is written in a local staging directory (kept across attempts for `resume`)
+    and uploaded, the index last; on Beam each worker uploads the shards it writes, and the
+    final step the index.
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; use one of {ENGINES}")
@@ -93,16 +93,17 @@ def convert(
     if bar is not None:
         bar.close()
     prefix = os.fsdecode(prefix)
-    target = _staging_prefix(prefix) if storage.is_url(prefix) else storage.local_path(prefix)
+    fields = _fields(reader, plan)
     if engine == "beam":
         from resumax.convert.beam import write_beam
 
-        written = write_beam(reader, plan, target, resume, list(pipeline_options))
-    else:
-        written = write_local(reader, plan, target, resume, progress)
-    fields = next(filter(None, map(first_record_fields, written)), [])
+        written = write_beam(reader, plan, prefix, resume, list(pipeline_options), storage_options)
+        return Conversion(written, shard_index.index_path(prefix), plan, fields)
     if not storage.is_url(prefix):
-        return Conversion(written, shard_index.index_path(target), plan, fields)
+        written = write_local(reader, plan, storage.local_path(prefix), resume, progress)
+        return Conversion(written, shard_index.index_path(storage.local_path(prefix)), plan, fields)
+    target = staging_prefix(prefix)
+    written = write_local(reader, plan, target, resume, progress)
     urls = shard_paths(prefix, plan.num_shards)
     index_url = shard_index.index_path(prefix)
     remote.upload_set(written, urls, index_url, storage_options)
@@ -110,26 +111,10 @@ def convert(
     return Conversion(urls, index_url, plan, fields)
 
 
-def _staging_prefix(url: str) -> str:
-    """The local prefix a URL's set is written at before its upload: a directory named after
-    the URL, so that a resumed attempt finds the shards of the interrupted one."""
-    stem = url.rpartition("/")[2]
-    if not stem:
-        raise ConfigError(f"the prefix {url!r} must end with a file name stem, e.g. .../train")
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"resumax-convert-{digest}", stem)
-
-
-def first_record_fields(path: str) -> list[str]:
-    """The sorted field names of the first record of the local shard `path` ([] if empty)."""
-    from array_record.python import array_record_module
-
-    from resumax.records.codec import decode
-
-    reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
-    try:
-        if reader.num_records() == 0:
-            return []
-        return sorted(decode(reader.read([0])[0]))
-    finally:
-        reader.close()
+def _fields(reader: Reader, plan: Plan) -> list[str]:
+    """The sorted field names of the first good record of the plan ([] when there is none)."""
+    for unit in plan.units[:1]:
+        for item in reader.read(unit):
+            if isinstance(item, dict):
+                return sorted(item)
+    return []

@@ -14,10 +14,11 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from resumax.errors import DataSourceError
+from resumax.errors import ConfigError, DataSourceError
 from resumax.records import shard_index
 from resumax.records.writers import shard_paths, write_array_record
 
@@ -29,6 +30,22 @@ def _digested(records: Iterable[bytes], digest: Any) -> Iterator[bytes]:
         digest.update(len(record).to_bytes(8, "little"))
         digest.update(record)
         yield record
+
+
+def staging_prefix(url: str) -> str:
+    """The local prefix a URL's shards are written at before their upload: a directory named
+    after the URL, so that a resumed attempt on this machine finds the interrupted one's."""
+    stem = url.rpartition("/")[2]
+    if not stem:
+        raise ConfigError(f"the prefix {url!r} must end with a file name stem, e.g. .../train")
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"resumax-convert-{digest}", stem)
+
+
+def done_record(prefix: str, shard: int, num_shards: int) -> dict[str, Any]:
+    """The `.done` record of a written shard: records, records_sha256, bytes, content_hash."""
+    with open(shard_paths(prefix, num_shards)[shard] + DONE) as file:
+        return json.load(file)
 
 
 def _written(final: str) -> tuple[str, dict] | None:
