@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 
 from resumax.convert.conversion import ENGINES, convert
 from resumax.convert.options import FORMATS, parse_features, parse_size
-from resumax.errors import ConfigError
 
 
 def split_pipeline_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -36,11 +35,12 @@ def add_parser(commands: argparse._SubParsersAction, common: Callable) -> None:
         "inputs as ArrayRecord shards with their index (local engine or Apache Beam)",
     )
     convert_parser.add_argument(
-        "paths",
-        nargs="+",
-        metavar="INPUT... PREFIX",
-        help="input files, globs or directories (or URLs), then the output prefix, a path or "
-        "URL: PREFIX-00000-of-0000N.array_record",
+        "inputs", nargs="+", metavar="INPUT", help="input files, globs or directories (or URLs)"
+    )
+    convert_parser.add_argument(
+        "prefix",
+        metavar="PREFIX",
+        help="the output prefix, a path or URL: PREFIX-00000-of-0000N.array_record",
     )
     convert_parser.add_argument(
         "--format", choices=FORMATS, help="the input format; guessed from the names if left out"
@@ -95,12 +95,9 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if len(args.paths) < 2:
-        raise ConfigError(f"give at least one INPUT and the output PREFIX, got {args.paths}")
-    *inputs, prefix = args.paths
     done = convert(
-        inputs,
-        prefix,
+        args.inputs,
+        args.prefix,
         format=args.format,
         num_shards=args.shards,
         shard_size=args.shard_size,
