@@ -91,3 +91,21 @@ def test_components_sharing_a_cache_dir_are_checked_together(tmp_path, s3_server
     source = MixtureSource(ArrayRecordSourceConfig(seed=1), apart, {"prose": 2, "code": 1})
     batches, _ = batches_and_state(Pipeline(source, batch_size=8, rngs=0), 5)
     assert len(batches) == 5
+
+
+def test_components_whose_sets_fit_only_apart_keep_only_their_windows_pinned(
+    tmp_path, s3_server, copies
+):
+    """Each set (6 shards) fits a limit of 10 shards, both do not: neither keeps all its shards
+    pinned, so the two read through one directory without waiting for room."""
+    local, bucket = copies
+    shard_size = os.path.getsize(local / "prose-00000-of-00006.array_record")
+    remote = {
+        "storage_options": s3_server.storage_options,
+        "cache_dir": tmp_path / "cache",
+        "cache_limit": 10 * shard_size,
+        "fetch_timeout": 10,
+    }
+    expected, _ = batches_and_state(mixture(str(local)), 60)
+    batches, _ = batches_and_state(mixture(bucket, remote), 60)
+    assert_batches_equal(batches, expected)

@@ -95,6 +95,7 @@ class ArrayRecordSourceModule(RecordSource):
         self.paths = list(paths.paths)
         self.max_open_files = max_open_files
         self._cache = None
+        self._cache_sets_bytes: int | None = None  # see share_cache
         if isinstance(paths, RemoteFiles):
             self._cache = ShardCache(paths.shards, paths.settings)
         self._files = ArrayRecordFiles(
@@ -127,20 +128,32 @@ class ArrayRecordSourceModule(RecordSource):
         room = self._cache.settings.limit if room is None else room
         return self._schedule.positions_within(self._resolved.shards.sizes, room)
 
-    def cache_needs(self) -> tuple[str, int, int] | None:
+    def cache_needs(self) -> tuple[str, int, int, int] | None:
         """With URL paths: (cache directory, bytes of shards the read order needs on disk at
-        once with a window read ahead, cache_limit); None for local paths."""
+        once with a window read ahead, cache_limit, bytes of the whole set); None for local
+        paths."""
         if self._cache is None:
             return None
-        needed = _bytes_needed(self._schedule, self._resolved.shards.sizes)
-        return self._cache.settings.directory, needed, self._cache.settings.limit
+        sizes = self._resolved.shards.sizes
+        needed = _bytes_needed(self._schedule, sizes)
+        return self._cache.settings.directory, needed, self._cache.settings.limit, sum(sizes)
+
+    def share_cache(self, sets_bytes: int) -> None:
+        """Told by a mixture whose components read through this source's cache directory at
+        once: the bytes of all their sets. Its shards then stay pinned once read (no re-pinning
+        in later epochs) only if all those sets fit the limit together."""
+        self._cache_sets_bytes = sets_bytes
 
     def spans_ready(self, spans: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
         """With URL paths: each span once its shards are in the local cache (and pinned there
         until the caller has received it), downloading ahead in read order meanwhile."""
         if self._cache is None:
             return spans
-        return ReadAhead(self._cache, self._schedule, self._file_ids_of, self._delivered, spans)
+        sets_bytes = self._cache_sets_bytes or sum(self._resolved.shards.sizes)
+        keep_all = self._schedule.global_shuffle or sets_bytes <= self._cache.settings.limit
+        return ReadAhead(
+            self._cache, self._schedule, self._file_ids_of, self._delivered, spans, keep_all
+        )
 
     def _file_ids_of(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """The files the records at global positions [start, stop) lie in, and where each one's

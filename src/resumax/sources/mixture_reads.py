@@ -85,34 +85,40 @@ def _prepare(
             next(component)
 
 
-def _cache_needs(mixture: Mixture) -> dict[str, list[tuple[str, int, int]]]:
-    """Cache directory -> (component, bytes it needs on disk at once, its cache_limit) of the
-    components that read through a shard cache."""
-    groups: dict[str, list[tuple[str, int, int]]] = {}
+def _cache_needs(mixture: Mixture) -> dict[str, list[tuple[str, int, int, int]]]:
+    """Cache directory -> (component, bytes it needs on disk at once, its cache_limit, bytes of
+    its set) of the components that read through a shard cache."""
+    groups: dict[str, list[tuple[str, int, int, int]]] = {}
     for name in mixture.names:
         needs = getattr(mixture.components[name], "cache_needs", None)
         found = needs() if needs is not None else None
         if found is not None:
-            directory, needed, limit = found
-            groups.setdefault(directory, []).append((name, needed, limit))
+            directory, *rest = found
+            groups.setdefault(directory, []).append((name, *rest))
     return groups
 
 
 def check_shared_caches(mixture: Mixture) -> None:
     """ConfigError when components that share a cache directory need more bytes on disk at
     once, together, than its cache_limit: a mixture reads all its components at once, and the
-    directory holds at most cache_limit bytes whichever source fills it."""
+    directory holds at most cache_limit bytes whichever source fills it. Each such component
+    is told the bytes of all the sets it shares the directory with (`share_cache`)."""
     for directory, members in _cache_needs(mixture).items():
-        total = sum(needed for _, needed, _ in members)
-        limit = min(limit for _, _, limit in members)
-        if len(members) > 1 and total > limit:
-            each = ", ".join(f"{name!r} {needed}" for name, needed, _ in members)
+        if len(members) < 2:
+            continue
+        total = sum(needed for _, needed, _, _ in members)
+        limit = min(limit for _, _, limit, _ in members)
+        if total > limit:
+            each = ", ".join(f"{name!r} {needed}" for name, needed, _, _ in members)
             raise ConfigError(
                 f"mixture components read through one cache_dir {directory!r} and together need "
                 f"{total} bytes of shards on disk at once ({each}), more than cache_limit="
                 f"{limit}: give each component its own cache_dir, raise cache_limit to at least "
                 f"{total} bytes, or read with smaller shuffle_windows"
             )
+        sets_bytes = sum(set_bytes for _, _, _, set_bytes in members)
+        for name, *_ in members:
+            mixture.components[name].share_cache(sets_bytes)
 
 
 def read_ahead_limit(mixture: Mixture, shares: Sequence[int]) -> int | None:
@@ -121,8 +127,8 @@ def read_ahead_limit(mixture: Mixture, shares: Sequence[int]) -> int | None:
     the components sharing its cache directory need) bounds them to about L / s."""
     room: dict[str, int] = {}
     for members in _cache_needs(mixture).values():
-        for name, _, limit in members:
-            room[name] = limit - sum(needed for other, needed, _ in members if other != name)
+        for name, _, limit, _ in members:
+            room[name] = limit - sum(needed for other, needed, _, _ in members if other != name)
     total = sum(shares)
     limits = []
     for name, share in zip(mixture.names, shares, strict=True):

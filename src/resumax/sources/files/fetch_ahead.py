@@ -37,11 +37,13 @@ class ReadAhead:
         file_ids_of: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
         delivered: Callable[[], int],
         spans: Iterator[tuple[int, int]],
+        keep_all: bool,
     ):
         """Iterates `spans`, each once its shards are on disk and pinned (see `_ready`).
         `file_ids_of(start, stop)`: the files the records at positions [start, stop) lie in,
         and for each the position its use there ends at (NEVER: kept to the end);
-        `delivered()`: the position the caller has received (pins before it are released)."""
+        `delivered()`: the position the caller has received (pins before it are released);
+        `keep_all`: whether every shard stays pinned once read (see below)."""
         self.cache, self.schedule = cache, schedule
         self._file_ids_of, self._delivered = file_ids_of, delivered
         self._sizes = np.asarray(cache.shards.sizes, dtype=np.int64)
@@ -63,11 +65,11 @@ class ReadAhead:
             for _ in range(cache.settings.fetch_threads)
         ]
         # Pinned shards -> the position after which they are no longer needed: a shard stays
-        # pinned over all the spans that read it. When the whole set fits in the limit (as the
-        # global shuffle, which reads every shard all the time, requires), none ever needs to
-        # be evicted: each stays pinned from its first read on, and once all are, spans pass
-        # with no work and the download threads end.
-        self._keep_all = schedule.global_shuffle or int(self._sizes.sum()) <= cache.settings.limit
+        # pinned over all the spans that read it. With `keep_all` (the owner's set, and those it
+        # shares the cache directory with, fit in the limit, as the global shuffle requires),
+        # none ever needs to be evicted: each stays pinned from its first read on, and once all
+        # are, spans pass with no work and the download threads end.
+        self._keep_all = keep_all
         self._all_pinned = False
         self._held: dict[int, int] = {}
         self._held_lock = threading.Lock()
