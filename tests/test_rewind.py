@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import resumax
+from resumax.train.config import load_config
+from resumax.train.data_commands import batches_command, state_command
 from resumax.train.datasets import digits_examples
 from resumax.train.runlog import read_metrics
 from tests.training_runs import REPO, Training, committed_steps, final_leaves, wait_until
@@ -58,14 +58,6 @@ def poisoned_dir(tmp_path_factory):
 
 def train_run(run_dir: Path, data_dir: Path, steps: int, *extra: str) -> Training:
     return Training(CONFIG, run_dir, data_dir, [*OVERRIDES, f"train.num_steps={steps}", *extra])
-
-
-def resumax_command(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "resumax", *args], cwd=REPO, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def stable_lines(run_dir: Path) -> list[dict]:
@@ -117,12 +109,12 @@ def test_rewind_sets_aside_later_steps_skips_and_resumes_bitwise_after_kills(tmp
     assert_same_leaves(run, reference)
 
     # Step 21 trained on the batch after the skipped ones; the state names the next batch.
-    command = ["--config", str(CONFIG), *OVERRIDES, f"data.dir={digits_dir}"]
-    found = json.loads(
-        resumax_command("batches", *command, f"train.run_dir={reference}", "--step", "21", "--json")
+    config = load_config(
+        CONFIG, [*OVERRIDES, f"data.dir={digits_dir}", f"train.run_dir={reference}"]
     )
+    found = json.loads(batches_command(config, 21, 1, as_json=True, show=False))
     assert [row[0]["position"] for row in found[0]["rows"]] == list(range(432, 432 + BATCH))
-    state = json.loads(resumax_command("state", str(reference), "--json"))
+    state = json.loads(state_command(str(reference), None, as_json=True))
     assert state["step"] == 40 and state["state"]["skips"][0]["batches"] == 7
     first = state["next_batch"][0][0]
     assert first["position"] == (40 + 7) * BATCH
