@@ -18,15 +18,10 @@ from resumax.sources import MixtureSource
 from resumax.sources.record_ref import RecordRef
 from resumax.sources.state_files import find_state_file, read_state
 from resumax.train.config import Config, load_config
+from resumax.train.recovery import checkpoint_steps
 
 DATA_ITEM = "data"
 _PREVIEW = 12  # values (or characters / 4) of a field shown by --show
-
-
-def checkpoint_steps(directory: str) -> list[int]:
-    """The committed steps in an Orbax checkpoint directory (tmp directories have other names)."""
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    return sorted(int(name) for name in names if name.isdigit())
 
 
 def locate_run(path: str) -> tuple[str, Config | None]:

@@ -67,6 +67,12 @@ class LossWatch:
         self.losses = deque((saved or {}).get("losses", ()), maxlen=self.config.window)
 
 
+def checkpoint_steps(directory: str) -> list[int]:
+    """The committed steps in an Orbax checkpoint directory (tmp directories have other names)."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
 def rewind_step(steps: Sequence[int], rewind_to: int) -> int:
     """The newest checkpoint step at or before `rewind_to`; ConfigError listing those kept."""
     candidates = [step for step in steps if step <= rewind_to]
@@ -157,8 +163,7 @@ def set_aside_for_rewind(config: Config, rewind_to: int) -> int:
     """Moves the checkpoints and metrics lines after the newest checkpoint at or before
     `rewind_to` aside (process 0; the others wait); returns the step the run had reached."""
     directory = os.path.abspath(config.train.checkpoint_dir)
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    steps = [int(name) for name in names if name.isdigit()]
+    steps = checkpoint_steps(directory)
     target = rewind_step(steps, rewind_to)
     reached = last_step_reached(config.train.run_dir, steps)
     if jax.process_index() == 0:
