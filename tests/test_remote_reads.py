@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -147,6 +148,25 @@ def test_a_set_that_fits_downloads_nothing_from_epoch_two(s3_set, local_set, tmp
     assert_batches_equal(read_all(again), local_batches(local_set, cfg))
     assert again._cache.downloaded_bytes == 0
     assert sum(server_log.shard_gets().values()) == NUM_SHARDS
+
+
+def test_a_download_renamed_while_the_cache_is_counted_is_counted_once(s3_set, tmp_path):
+    """Between the cache's listing of tmp/ and of shards/, a finished download is in both; at a
+    limit the whole set just fits, counting it twice evicted a shard still to be read."""
+    source = remote(s3_set, config("global"), tmp_path / "cache", cache_limit=SET_BYTES)
+    cache = source._cache
+    for file_id in range(NUM_SHARDS - 1):
+        cache.fetch(file_id)
+    renaming = (
+        cache.path(0)
+        .replace("/shards/", "/tmp/")
+        .replace(".array_record", f".{os.getpid()}.0.partial")
+    )
+    shutil.copyfile(cache.path(0), renaming)  # the state mid-rename: in tmp/ and in shards/
+    cache.fetch(NUM_SHARDS - 1, evict_after=0)  # ahead of need: NoRoom if it had to evict
+    os.remove(renaming)
+    assert all(os.path.exists(cache.path(f)) for f in range(NUM_SHARDS))
+    assert cache.downloaded_bytes == SET_BYTES
 
 
 def test_a_set_larger_than_the_limit_downloads_at_most_once_per_epoch(

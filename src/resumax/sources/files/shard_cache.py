@@ -271,9 +271,12 @@ class ShardCache:
         """Bytes held (complete shards and reserved downloads) and the complete shards' names;
         partial files of processes that no longer run are removed."""
         # tmp/ first: a download renamed into shards/ meanwhile (renames take no lock) is then
-        # counted twice, never missed (which let one shard more in than the limit allows).
+        # listed in both, never missed (which let one shard more in than the limit allows), and
+        # counted once: a partial whose shard is complete is that rename (one download of a key
+        # per host at a time). Counting it twice evicted a shard still to be used.
         partials = os.listdir(self._dirs["tmp"])
         shards = os.listdir(self._dirs["shards"])
+        complete = {name[: -len(_SHARD_SUFFIX)] for name in shards}
         known, used = self._sizes_by_name, 0
         for name in shards:
             size = known.get(name)
@@ -290,7 +293,7 @@ class ShardCache:
             if pid != os.getpid() and not cache_locks.alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self._dirs["tmp"], name))
-            else:
+            elif name.split(".", 1)[0] not in complete:
                 used += int(match.group(1))
         return used, shards
 
