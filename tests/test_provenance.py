@@ -106,8 +106,10 @@ def test_skip_delivers_the_batch_that_would_have_come_later_and_keeps_the_number
     plain = take(iter(shuffled(id_shards)), 12)
     pipeline = shuffled(id_shards)
     got = take(iter(pipeline), 3)
+    assert pipeline.global_position == 3 * BATCH
     pipeline.skip(2)
     pipeline.skip(3)  # merged with the skip before it
+    assert pipeline.global_position == 8 * BATCH
     got += take(iter(pipeline), 4)
     assert_batches_equal(got, plain[:3] + plain[8:12])
     assert pipeline.skips == [

@@ -30,7 +30,7 @@ class PipelineState:
     def _batch_line(self) -> BatchLine:
         return BatchLine(
             self.batches_emitted.get_raw_value(),
-            self._global_position(),
+            self.global_position,
             self._batch_records.global_batch,
             self._jumps,
         )
@@ -57,11 +57,14 @@ class PipelineState:
         if self.operator_states:
             state["operators"] = self.operator_states.to_json()
         if self._packing is not None:
-            window_index = self._global_position() // self._packing.window
+            window_index = self.global_position // self._packing.window
             state["packing"] = self._packing.get_state(window_index, self.packed_rows.get_value())
         return state
 
-    def _global_position(self) -> int:
+    @property
+    def global_position(self) -> int:
+        """The global record position the next batch starts at: records of every process
+        consumed (or skipped) since epoch 0 began (epoch x records per epoch + index)."""
         epoch, index = self.source.position
         return epoch * self.source.records_per_epoch + index
 
@@ -92,7 +95,7 @@ class PipelineState:
         )
         if saved != (self.batch_size, self.process_count) and batches:
             # Resumed on another layout: batches before this point were counted in the old one.
-            position = self._global_position()
+            position = self.global_position
             jump = Jump(batches, 0, position, position, *saved)
             if self._packing is not None:
                 rows = self.packed_rows.get_value()
@@ -108,6 +111,6 @@ class PipelineState:
         # re-pack the current window from other records than the ones already delivered.
         source_changed = self.source.get_state() != state["source"]
         rows = self._packing.check_state(
-            state.get("packing"), self._global_position(), end, source_changed
+            state.get("packing"), self.global_position, end, source_changed
         )
         self.packed_rows.set_value(rows)

@@ -146,14 +146,12 @@ def replay_skips(pipeline: Pipeline, events: Sequence[dict[str, Any]]) -> None:
 def skip_and_describe(pipeline: Pipeline, num_batches: int) -> dict[str, Any]:
     """Skips `num_batches` batches; returns the event fields that describe the skip:
     `skipped_batches` and `skipped_positions` [first, last] (global, inclusive)."""
-    before = _position(pipeline)
+    before = pipeline.global_position
     pipeline.skip(num_batches)
-    return {"skipped_batches": num_batches, "skipped_positions": [before, _position(pipeline) - 1]}
-
-
-def _position(pipeline: Pipeline) -> int:
-    epoch, index = pipeline.source.position
-    return epoch * pipeline.source.records_per_epoch + index
+    return {
+        "skipped_batches": num_batches,
+        "skipped_positions": [before, pipeline.global_position - 1],
+    }
 
 
 # Rewind and spike recovery in a run ----------------------------------------------------------
