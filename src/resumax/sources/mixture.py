@@ -17,11 +17,9 @@ import numpy as np
 from resumax.errors import ConfigError, StateMismatchError
 from resumax.sources import mixture_reads
 from resumax.sources import mixture_schedule as schedule
+from resumax.sources import mixture_state as saved_state
 from resumax.sources.base import ArrayRecordSourceConfig, RecordSource, fingerprint
 from resumax.sources.record_ref import RecordRef
-
-# Fields of a component's state that say which records it orders, and how.
-_COMPONENT_IDENTITY = ("fingerprint", "num_records", "seed", "shuffle", "shuffle_window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,13 +318,17 @@ class MixtureSource(RecordSource):
                     f"mixture state field {field!r} is {state[field]!r} but this mixture has "
                     f"{own[field]!r}"
                 )
-        position = _saved_position(state)
-        saved_draws = self._check_component_states(state["components"])
-        shares = _saved_shares(state, self.names)
+        position = saved_state.position(state)
+        saved_draws = saved_state.component_draws(
+            state["components"], self.components, self.allow_new_components
+        )
+        shares = saved_state.shares(state, self.names)
         if shares == self._shares and state["num_records"] == self.records_per_epoch:
             offsets = tuple(state["components"][n]["origin_draws"] for n in self.names)
             previous = self._schedule.value
-            self._schedule.value = Schedule(_non_negative(state["origin"], "origin"), offsets)
+            self._schedule.value = Schedule(
+                saved_state.non_negative(state["origin"], "origin"), offsets
+            )
             if position < state["origin"] or self.draws_before(position).tolist() != saved_draws:
                 self._schedule.value = previous
                 raise StateMismatchError(
@@ -337,74 +339,9 @@ class MixtureSource(RecordSource):
             self._schedule.value = Schedule(position, tuple(saved_draws))
         self.seek(0, position)
 
-    def _check_component_states(self, saved: Any) -> list[int]:
-        """Each component's saved draws (0 for an allowed new one); refuses other components."""
-        if not isinstance(saved, dict):
-            raise StateMismatchError(f"mixture state field 'components' is {saved!r}, not a dict")
-        removed = sorted(set(saved) - set(self.names))
-        if removed:
-            raise StateMismatchError(
-                f"the mixture state has component(s) {removed} that this mixture lacks; their "
-                "positions would be lost: build the mixture with them (any positive weight)"
-            )
-        added = sorted(set(self.names) - set(saved))
-        if added and not self.allow_new_components:
-            raise StateMismatchError(
-                f"this mixture has component(s) {added} that the saved state lacks; build it "
-                "with allow_new_components=True to start them at their beginning"
-            )
-        draws = []
-        for name in self.names:
-            if name not in saved:
-                draws.append(0)
-                continue
-            entry, expected = saved[name], self.components[name].get_state()
-            if not isinstance(entry, dict):
-                raise StateMismatchError(f"mixture component {name!r}: state {entry!r}")
-            for field in _COMPONENT_IDENTITY:
-                if entry.get(field) != expected.get(field):
-                    raise StateMismatchError(
-                        f"mixture component {name!r}: saved {field}={entry.get(field)!r} but "
-                        f"this component has {expected.get(field)!r}; the state was saved for "
-                        "other data or another order of it"
-                    )
-            epoch = _non_negative(entry.get("current_epoch"), f"{name}.current_epoch")
-            index = _non_negative(entry.get("current_index"), f"{name}.current_index")
-            _non_negative(entry.get("origin_draws"), f"{name}.origin_draws")
-            draws.append(epoch * expected["num_records"] + index)
-        return draws
-
 
 def _json_number(weight: Any) -> float | int:
     return int(weight) if isinstance(weight, (int, np.integer)) else float(weight)
-
-
-def _non_negative(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise StateMismatchError(f"mixture state field {name!r} must be an int >= 0, got {value!r}")
-    return value
-
-
-def _saved_position(state: dict[str, Any]) -> int:
-    epoch = _non_negative(state["current_epoch"], "current_epoch")
-    index = _non_negative(state["current_index"], "current_index")
-    block = state["num_records"]
-    if not isinstance(block, int) or isinstance(block, bool) or not 0 <= index < block:
-        raise StateMismatchError(
-            f"mixture state has current_index={index!r} and num_records={block!r}"
-        )
-    return epoch * block + index
-
-
-def _saved_shares(state: dict[str, Any], names: tuple[str, ...]) -> tuple[int, ...] | None:
-    """The saved weights as integer shares over `names`, None if they name other components."""
-    weights = state["weights"]
-    if not isinstance(weights, dict) or sorted(weights) != list(names):
-        return None
-    values = [weights[name] for name in names]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
-        raise StateMismatchError(f"mixture state field 'weights' is {weights!r}")
-    return schedule.integer_weights(values)
 
 
 def _reopen(
