@@ -22,13 +22,13 @@ import apache_beam as beam
 import numpy as np
 
 from resumax.convert import shards
+from resumax.convert.encoding import encode
 from resumax.convert.formats import Reader
 from resumax.convert.plan import Plan
 from resumax.convert.stream import BadLimit, encoded_items
 from resumax.convert.values import BadRecord
 from resumax.errors import DataSourceError
 from resumax.records import remote, shard_index, storage
-from resumax.records.codec import encode
 from resumax.records.writers import shard_paths
 
 

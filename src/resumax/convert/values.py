@@ -110,6 +110,8 @@ def csv_value(text: str) -> Any:
 
 def csv_cell(text: str) -> Any:
     """`csv_value` as a record value directly: np.int64, np.float64, str, or None."""
+    if len(text) < 19 and text.isdigit() and text.isascii():  # the common int, in range
+        return np.int64(int(text))
     value = csv_value(text)
     if type(value) is int:
         return np.int64(value) if _INT64_MIN <= value <= _INT64_MAX else None  # refused below

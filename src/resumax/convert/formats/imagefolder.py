@@ -27,6 +27,7 @@ class ImageFolderReader(Reader):
         super().__init__(*args, **kwargs)
         self.root = ""
         self.class_names: list[str] = []
+        self._labels: dict[str, np.int64] = {}  # each class name's label, made on first read
 
     def units(self, paths: Sequence[str]) -> list[str]:
         if len(paths) != 1:
@@ -44,8 +45,11 @@ class ImageFolderReader(Reader):
                 f"{self.root!r} holds no images in class sub-directories "
                 f"(<root>/<class>/<image>, extensions {IMAGE_EXTENSIONS})"
             )
-        self.class_names = sorted({self._relative(path).split("/")[0] for path in files})
+        self.class_names = sorted({self._class_name(path) for path in files})
         return files
+
+    def _class_name(self, path: str) -> str:
+        return self._relative(path).split("/", 1)[0]
 
     def _relative(self, path: str) -> str:
         return path[len(self.root) + 1 :].replace("\\", "/")
@@ -56,7 +60,9 @@ class ImageFolderReader(Reader):
     def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
         if start > 0 or stop == 0:
             return
-        label = np.int64(self.class_names.index(self._relative(unit).split("/")[0]))
+        if len(self._labels) != len(self.class_names):
+            self._labels = {name: np.int64(label) for label, name in enumerate(self.class_names)}
+        label = self._labels[self._class_name(unit)]
         with self.open(unit) as file:
             data = file.read()
         if not self.options.decode_images:

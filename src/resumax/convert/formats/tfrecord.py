@@ -9,6 +9,7 @@ truncated file ends the file's framing, so it fails the conversion even under --
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -18,9 +19,11 @@ import numpy as np
 from resumax.convert.formats.base import Item, Reader
 from resumax.convert.values import BadRecord
 from resumax.errors import DataSourceError, RecordDecodeError
+from resumax.records import tfexample
 from resumax.records.tfexample import TFExample
 
 _HEADER = struct.Struct("<QI")
+_FOOTER = struct.Struct("<I")
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -38,56 +41,87 @@ def frame(data: bytes) -> bytes:
     )
 
 
-def _header(file: IO, unit: str, number: int) -> int | None:
-    """The length of record `number`, or None at the end of the file."""
-    header = file.read(_HEADER.size)
-    if not header:
-        return None
-    if len(header) < _HEADER.size:
-        raise DataSourceError(f"{unit}, record {number}: the file ends inside a record header")
-    length, stored = _HEADER.unpack(header)
-    actual = masked_crc(header[:8])
+def _check_length(length: bytes, stored: int, unit: str, number: int) -> None:
+    """Raises DataSourceError if the masked CRC of record `number`'s length is not `stored`."""
+    actual = masked_crc(length)
     if actual != stored:
         raise DataSourceError(
             f"{unit}, record {number}: the length's CRC is {actual:#010x} where the file says "
             f"{stored:#010x}; the file is corrupt from here on (is it a TFRecord file, and not "
             "compressed?)"
         )
-    return length
 
 
-def _framed(file: IO, unit: str, start: int, stop: int | None) -> Iterator[bytes | BadRecord]:
-    number = 0
-    while (stop is None or number < stop) and (length := _header(file, unit, number)) is not None:
+_BLOCK = 1 << 22  # bytes read at a time: records are framed in memory, not read one by one
+
+
+def _frames(file: IO, unit: str, start: int) -> Iterator[tuple[int, bytes | BadRecord | None]]:
+    """(number, data) of each record of the file, read in blocks; the data is a BadRecord if its
+    CRC is bad, None before record `start` (not checked, and not read unless it was in a block)."""
+    buffer, offset, number = b"", 0, 0
+    while True:
+        if len(buffer) - offset < _HEADER.size:
+            buffer, offset = buffer[offset:] + file.read(_BLOCK), 0
+            if not buffer:
+                return
+            if len(buffer) < _HEADER.size:
+                raise DataSourceError(
+                    f"{unit}, record {number}: the file ends inside a record header"
+                )
+        length, stored = _HEADER.unpack_from(buffer, offset)
+        _check_length(buffer[offset : offset + 8], stored, unit, number)
+        end = offset + _HEADER.size + length + 4
+        if end > len(buffer):
+            if number < start:  # move past it without reading it
+                file.seek(end - len(buffer), 1)
+                yield number, None
+                buffer, offset, number = b"", 0, number + 1
+                continue
+            buffer = buffer[offset:] + file.read(max(_BLOCK, end - len(buffer)))
+            offset, end = 0, end - offset
+            if end > len(buffer):
+                raise DataSourceError(f"{unit}, record {number}: the file ends inside the record")
         if number < start:
-            file.seek(length + 4, 1)
-            number += 1
-            continue
-        data, footer = file.read(length), file.read(4)
-        if len(data) < length or len(footer) < 4:
-            raise DataSourceError(f"{unit}, record {number}: the file ends inside the record")
-        (stored,) = struct.unpack("<I", footer)
-        actual = masked_crc(data)
-        if actual != stored:
-            reason = f"the data's CRC is {actual:#010x} where the file says {stored:#010x}"
-            yield BadRecord(f"{unit}, record {number}", reason)
+            yield number, None
         else:
-            yield data
-        number += 1
+            data = buffer[offset + _HEADER.size : end - 4]
+            (stored,) = _FOOTER.unpack_from(buffer, end - 4)
+            actual = masked_crc(data)
+            if actual == stored:
+                yield number, data
+            else:
+                reason = f"the data's CRC is {actual:#010x} where the file says {stored:#010x}"
+                yield number, BadRecord(f"{unit}, record {number}", reason)
+        offset, number = end, number + 1
 
 
-def _storable(name: str, value: Any) -> Any:
-    """A TFExample value the record codec stores: a list of bytes as a numpy bytes array (exact
-    unless a value ends with a NUL byte, which numpy would drop)."""
-    if not isinstance(value, list):
-        return value
-    if any(item.endswith(b"\0") for item in value):
+def _bytes_array(name: str, values: list[bytes]) -> np.ndarray:
+    """A TFExample list of bytes as the numpy bytes array the record codec stores (exact unless
+    a value ends with a NUL byte, which numpy would drop)."""
+    if any(item.endswith(b"\0") for item in values):
         raise RecordDecodeError(
             f"feature {name!r} holds several byte strings, one ending in a NUL byte, which a "
             "record cannot store exactly; if it has one value, declare it with --features as "
             "shape []"
         )
-    return np.array(value, dtype=bytes)
+    return np.array(values, dtype=bytes)
+
+
+_ARRAY_DTYPES = {"int64_list": np.int64, "float_list": np.float32}
+
+
+def _record(data: bytes) -> dict[str, Any]:
+    """The record of one Example without a feature spec: what `TFExample()` parses, each list of
+    bytes as a numpy bytes array, made directly from the message (the local engine's hot path).
+    """
+    record = {}
+    for name, feature in sorted(tfexample.parse(data).features.feature.items()):
+        kind = feature.WhichOneof("kind") or "float_list"  # an empty feature: float32, as TFExample
+        if kind == "bytes_list":
+            record[name] = _bytes_array(name, list(feature.bytes_list.value))
+        else:
+            record[name] = np.array(getattr(feature, kind).value, _ARRAY_DTYPES[kind])
+    return record
 
 
 class TFRecordReader(Reader):
@@ -96,27 +130,33 @@ class TFRecordReader(Reader):
         self.parse = TFExample(self.options.features)
 
     def count(self, unit: str) -> int:
-        count = 0
         with self.open(unit) as file:
-            while (length := _header(file, unit, count)) is not None:
-                file.seek(length + 4, 1)
-                count += 1
-        return count
+            return sum(1 for _ in _frames(file, unit, start=sys.maxsize))
 
     def read(self, unit: str, start: int = 0, stop: int | None = None) -> Iterator[Item]:
+        parse = _record if self.options.features is None else self.parse
         fields = self.options.fields
         with self.open(unit) as file:
-            for number, data in enumerate(_framed(file, unit, start, stop), start=start):
-                if isinstance(data, BadRecord):
+            for number, data in _frames(file, unit, start):
+                if stop is not None and number >= stop:
+                    return
+                if data is None:
+                    continue
+                if type(data) is BadRecord:
                     yield data
                     continue
                 try:
-                    parsed = self.parse(data)
+                    parsed = parse(data)
                     if fields is not None:
                         missing = [name for name in fields if name not in parsed]
                         if missing:
                             raise RecordDecodeError(f"has no feature {missing[0]!r}")
                         parsed = {name: parsed[name] for name in fields}
-                    yield {name: _storable(name, value) for name, value in parsed.items()}
+                    if parse is not _record:
+                        parsed = {
+                            name: _bytes_array(name, value) if type(value) is list else value
+                            for name, value in parsed.items()
+                        }
+                    yield parsed
                 except RecordDecodeError as error:
                     yield BadRecord(f"{unit}, record {number}", str(error))
