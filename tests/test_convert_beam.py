@@ -14,6 +14,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 import resumax
 from resumax import cli
 from resumax.convert import convert, shards
+from resumax.errors import DataSourceError
 from tests.convert_inputs import FORMATS, write_inputs, write_jsonl
 
 beam = pytest.importorskip("apache_beam")
@@ -121,6 +122,20 @@ def test_a_malformed_line_fails_the_beam_run_naming_file_and_line(tmp_path):
     with pytest.raises(Exception, match=r"part-1\.jsonl, line 41: not JSON"):
         convert(paths, str(tmp_path / "out/t"), engine="beam", pipeline_options=IN_PROCESS)
     assert not (tmp_path / "out/t.index.json").exists()
+
+
+def test_a_failed_run_on_two_processes_removes_its_partial_files_as_the_local_engine_does(
+    tmp_path,
+):
+    paths = write_jsonl(tmp_path / "in", num_files=4, per_file=100)
+    lines = Path(paths[3]).read_text().splitlines()
+    lines[90] = "{oops"  # in the last shard: the others are written before it fails
+    Path(paths[3]).write_text("\n".join(lines) + "\n")
+    for engine, options in (("local", []), ("beam", TWO_PROCESSES)):
+        out = tmp_path / engine
+        with pytest.raises(DataSourceError, match=r"part-3\.jsonl, line 91: not JSON"):
+            convert(paths, str(out / "t"), num_shards=4, engine=engine, pipeline_options=options)
+        assert os.listdir(out) == []
 
 
 def test_write_shards_in_a_users_pipeline_matches_write_shards(tmp_path):

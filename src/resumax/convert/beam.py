@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -21,13 +22,14 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
+from resumax import errors
 from resumax.convert import shards
 from resumax.convert.encoding import encode
 from resumax.convert.formats import Reader
 from resumax.convert.plan import Plan
 from resumax.convert.stream import BadLimit, encoded_items
 from resumax.convert.values import BadRecord
-from resumax.errors import DataSourceError
+from resumax.errors import DataSourceError, ResumaxError
 from resumax.records import remote, shard_index, storage
 from resumax.records.writers import shard_paths
 
@@ -248,14 +250,43 @@ def write_beam(
             pass
         except Exception as error:
             raise remote.write_error(index_url, error) from error
-    with beam.Pipeline(options=PipelineOptions(pipeline_options)) as pipeline:
-        _ = (
-            pipeline
-            | "Shards" >> beam.Create(list(range(plan.num_shards)))
-            | "Spread" >> beam.Reshuffle()
-            | "WriteShard"
-            >> beam.Map(_write_planned_shard, reader, plan, prefix, resume, storage_options)
-            | "Written" >> beam.combiners.ToList()
-            | "Commit" >> beam.Map(_commit_planned, prefix, plan, resume, storage_options)
-        )
+    try:
+        with beam.Pipeline(options=PipelineOptions(pipeline_options)) as pipeline:
+            _ = (
+                pipeline
+                # Create spreads its elements over the workers (it ends with a Reshuffle).
+                | "Shards" >> beam.Create(list(range(plan.num_shards)))
+                | "WriteShard"
+                >> beam.Map(_write_planned_shard, reader, plan, prefix, resume, storage_options)
+                | "Written" >> beam.combiners.ToList()
+                | "Commit" >> beam.Map(_commit_planned, prefix, plan, resume, storage_options)
+            )
+    except Exception as error:
+        cause = worker_error(error)
+        if cause is None:  # not bad input: the written shards stay, for --resume
+            raise
+        staged = shards.staging_prefix(prefix) if storage.is_url(prefix) else prefix
+        shards.discard(staged, plan.num_shards)
+        if cause is error:
+            raise
+        raise cause from error
     return shard_paths(prefix, plan.num_shards)
+
+
+_REPORTED = re.compile(r"^resumax\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def worker_error(error: Exception) -> ResumaxError | None:
+    """The resumax error that failed a pipeline, or None when another error did: `error` itself
+    (in-process runners re-raise it), or one rebuilt from the last worker traceback the
+    runner quotes in its message (worker threads or processes, remote runners)."""
+    if isinstance(error, ResumaxError):
+        return error
+    reported = _REPORTED.findall(str(error))
+    if not reported:
+        return None
+    name, message = reported[-1]
+    error_type = getattr(errors, name, None)
+    if not (isinstance(error_type, type) and issubclass(error_type, ResumaxError)):
+        return None
+    return error_type(message)

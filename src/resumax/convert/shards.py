@@ -127,8 +127,14 @@ def commit(prefix: str, num_shards: int, metadata: dict[str, Any] | None) -> lis
 
 def discard(prefix: str, num_shards: int) -> None:
     """Removes the `.partial` shards and `.done` records of an attempt that failed on bad
-    input (an interrupted attempt keeps them, for --resume)."""
+    input (an interrupted attempt keeps them, for --resume), and the file of a shard a stopped
+    worker was writing."""
     for final in shard_paths(prefix, num_shards):
-        for path in (final + PARTIAL, final + DONE, final + DONE + PARTIAL):
+        for path in (
+            final + PARTIAL,
+            final + PARTIAL + PARTIAL,
+            final + DONE,
+            final + DONE + PARTIAL,
+        ):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
