@@ -8,11 +8,17 @@ Run: `.venv/bin/python benchmarks/convert.py [--records 100000] [--formats jsonl
 images), written once into a temporary directory. Every conversion writes 8 shards. The baseline
 reads with the format's own library (json, csv, pyarrow, plain file reads, datasets, numpy; for
 TFRecord, which has no reader without TensorFlow, a plain framing loop and `resumax.TFExample`),
-builds the same records and calls `write_shards`. The baseline and the local engine alternate
-for `--repeats` rounds; their rates and ratio are medians over the rounds. Beam runs once, on
-FnApiRunner with `direct_num_workers=2`, `direct_running_mode=multi_processing`; its startup
-(launch, plan, worker processes) lasts until a worker creates the first shard file, which a
-thread watches for; its records/s counts the time from then on (reading, writing, the commit).
+builds the same records and calls `write_shards`. Each of `--repeats` rounds runs the baseline,
+the local engine and Beam one after the other; rates are medians over the rounds, ratios
+medians of each round's ratio. "local cores used" is the local engine's CPU time over its wall
+time. "2 processes" is the ceiling of 2 workers on this machine at that moment: a pool of 2
+processes, started beforehand, writes the even and the odd shards with the engines' own
+functions (no Beam), then commits. Beam runs on FnApiRunner with `direct_num_workers=2`,
+`direct_running_mode=multi_processing`; its startup (importing Beam, launching 2 worker
+processes that import Beam and resumax, the first stages) lasts until a worker creates the
+first shard file, its work (reading, writing, the commit) until the index appears, its shutdown
+(stopping the workers) until `convert` returns: startup and shutdown are fixed costs, the
+records/s counts the work.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -35,7 +42,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tests import convert_inputs  # noqa: E402
 
-from resumax.convert import convert  # noqa: E402
+from resumax.convert import convert, shards, stream  # noqa: E402
+from resumax.convert.formats import Reader, reader_for  # noqa: E402
+from resumax.convert.options import ConvertOptions  # noqa: E402
+from resumax.convert.plan import Plan, make_plan  # noqa: E402
 from resumax.records import ArrayRows, TFExample, write_shards  # noqa: E402
 
 SHARDS = 8
@@ -146,26 +156,49 @@ def baseline_records(format: str, inputs: list[str]) -> list:
     return rows
 
 
-def timed(function, *args, **kwargs) -> float:
-    start = time.perf_counter()
+def timed(function, *args, **kwargs) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     function(*args, **kwargs)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def baseline(format: str, inputs: list[str], prefix: str) -> None:
     write_shards(prefix, baseline_records(format, inputs), SHARDS)
 
 
-def timed_beam(inputs: list[str], prefix: str) -> tuple[float, float]:
-    """(startup, work) seconds of a Beam conversion: the startup lasts until a worker creates
-    the first shard file (a thread watches the output directory), the work from then on."""
+def _write_some_shards(reader: Reader, plan: Plan, prefix: str, numbers: range) -> None:
+    for shard in numbers:
+        records = stream.shard_records(reader, plan, shard)
+        shards.write_shard(prefix, shard, plan.num_shards, records)
+
+
+def two_processes(pool, format: str, inputs: list[str], prefix: str) -> None:
+    """The most 2 worker processes can do on this machine now, without Beam: the plan, the even
+    and the odd shards (as FnApiRunner splits them) written by a pool of 2 processes started
+    beforehand, with the engines' own functions, then the commit."""
+    reader = reader_for(ConvertOptions(format=format, num_shards=SHARDS))
+    plan = make_plan(reader, inputs)
+    halves = [(reader, plan, prefix, range(first, SHARDS, 2)) for first in (0, 1)]
+    pool.starmap(_write_some_shards, halves)
+    shards.commit(prefix, SHARDS, plan.metadata)
+
+
+def timed_beam(inputs: list[str], prefix: str) -> tuple[float, float, float]:
+    """(startup, work, shutdown) seconds of a Beam conversion: the startup lasts until a worker
+    creates the first shard file, the work until the index appears (the commit included), the
+    shutdown until `convert` returns (a thread watches the output directory)."""
     directory = os.path.dirname(prefix)
     os.makedirs(directory, exist_ok=True)
+    index = os.path.basename(prefix) + ".index.json"
     first: list[float] = []
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set() and not os.listdir(directory):
+            time.sleep(0.005)
+        first.append(time.perf_counter())
+        while not done.is_set() and index not in os.listdir(directory):
             time.sleep(0.005)
         first.append(time.perf_counter())
 
@@ -176,26 +209,35 @@ def timed_beam(inputs: list[str], prefix: str) -> tuple[float, float]:
     end = time.perf_counter()
     done.set()
     watcher.join()
-    return first[0] - start, end - first[0]
+    return first[0] - start, first[1] - first[0], end - first[1]
 
 
-def measure(format: str, directory: str, records: int, repeats: int) -> str:
-    """One table row: the baseline and the local engine in `repeats` interleaved rounds (rates
-    and ratio: medians over rounds), then Beam once."""
+def measure(pool, format: str, directory: str, records: int, repeats: int) -> str:
+    """One table row: `repeats` rounds of the baseline, the local engine, 2 processes without
+    Beam and Beam, one after the other; rates are medians over the rounds, ratios medians of
+    each round's ratio."""
     inputs = make_inputs(format, os.path.join(directory, format), records)
     out = os.path.join(directory, f"{format}-out")
-    bases, locals_ = [], []
+    bases, locals_, cpus, pooled, beams = [], [], [], [], []
     for round_ in range(repeats):
-        bases.append(timed(baseline, format, inputs, f"{out}/base{round_}/train"))
-        locals_.append(timed(convert, inputs, f"{out}/local{round_}/train", num_shards=SHARDS))
-    startup, work = timed_beam(inputs, f"{out}/beam/train")
+        bases.append(timed(baseline, format, inputs, f"{out}/base{round_}/train")[0])
+        wall, cpu = timed(convert, inputs, f"{out}/local{round_}/train", num_shards=SHARDS)
+        locals_.append(wall)
+        cpus.append(cpu)
+        pooled.append(timed(two_processes, pool, format, inputs, f"{out}/pool{round_}/t")[0])
+        beams.append(timed_beam(inputs, f"{out}/beam{round_}/train"))
     for path in (format, f"{format}-out"):
         shutil.rmtree(os.path.join(directory, path))
-    base, local = statistics.median(bases), statistics.median(locals_)
-    ratio = statistics.median(b / c for b, c in zip(bases, locals_, strict=True))
+    median = statistics.median
+    base, local = median(bases), median(locals_)
+    startup, work, shutdown = (median(times) for times in zip(*beams, strict=True))
+    ratio = median(b / c for b, c in zip(bases, locals_, strict=True))
+    beam_ratio = median(c / b[1] for c, b in zip(locals_, beams, strict=True))
+    pool_ratio = median(c / p for c, p in zip(locals_, pooled, strict=True))
     return (
         f"| {format} | {records / base:,.0f} | {records / local:,.0f} | {ratio:.2f} "
-        f"| {records / work:,.0f} | {startup:.1f} s | {local / work:.2f} |"
+        f"| {median(cpus) / local:.2f} | {pool_ratio:.2f} | {records / work:,.0f} "
+        f"| {beam_ratio:.2f} | {startup:.1f} s + {shutdown:.1f} s |"
     )
 
 
@@ -208,12 +250,14 @@ def main() -> None:
     directory = tempfile.mkdtemp(prefix="resumax-bench-convert-")
     try:
         print(
-            "| format | baseline rec/s | local rec/s | local / baseline | Beam rec/s (startup "
-            "excluded) | Beam startup | Beam / local |"
+            "| format | baseline rec/s | local rec/s | local / baseline | local cores used "
+            "| 2 processes / local | Beam rec/s (work) | Beam / local | Beam startup + shutdown |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for format in args.formats.split(","):
-            print(measure(format, directory, args.records, args.repeats), flush=True)
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            pool.map(abs, range(2))  # started before any measurement
+            for format in args.formats.split(","):
+                print(measure(pool, format, directory, args.records, args.repeats), flush=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -16,7 +16,7 @@ import functools
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import apache_beam as beam
@@ -27,8 +27,7 @@ from resumax.convert import shards
 from resumax.convert.encoding import encode
 from resumax.convert.formats import Reader
 from resumax.convert.plan import Plan
-from resumax.convert.stream import BadLimit, encoded_items
-from resumax.convert.values import BadRecord
+from resumax.convert.stream import shard_records
 from resumax.errors import DataSourceError, ResumaxError
 from resumax.records import remote, shard_index, storage
 from resumax.records.writers import shard_paths
@@ -150,25 +149,6 @@ class WriteShards(beam.PTransform):
         )
 
 
-def _shard_records(reader: Reader, plan: Plan, shard: int) -> Iterator[bytes]:
-    """The encoded records of shard `shard` of the plan, read from the parts of the units that
-    hold them."""
-    limit = BadLimit(reader.options.skip_bad)
-    for number, start, stop, good in plan.shard_reads(shard):
-        found = 0
-        for item in encoded_items(reader, plan.units[number], start, stop):
-            if isinstance(item, BadRecord):
-                limit.add(item)
-                continue
-            found += 1
-            yield item
-        if found != good:
-            raise DataSourceError(
-                f"{plan.units[number]} held {good} good records at positions {start}..{stop - 1} "
-                f"when counted but {found} when read: did it change during the conversion?"
-            )
-
-
 def _write_planned_shard(
     shard: int,
     reader: Reader,
@@ -179,7 +159,7 @@ def _write_planned_shard(
 ) -> tuple[int, dict | None]:
     """Writes one shard of the plan; to a URL prefix, into this worker's staging directory,
     then uploads it. Returns (shard, its `.done` record for a URL, else None)."""
-    records = _shard_records(reader, plan, shard)
+    records = shard_records(reader, plan, shard)
     if not storage.is_url(prefix):
         shards.write_shard(prefix, shard, plan.num_shards, records, resume)
         return shard, None

@@ -4,11 +4,15 @@ counted against `--skip-bad`: more than allowed fails the conversion, naming the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from resumax.convert.encoding import encode
 from resumax.convert.formats import Reader
 from resumax.convert.values import BadRecord
 from resumax.errors import DataSourceError, RecordEncodeError
+
+if TYPE_CHECKING:
+    from resumax.convert.plan import Plan
 
 
 def encoded_items(
@@ -74,3 +78,22 @@ def good_records(
                 limit.add(BadRecord(f"{unit}, record {position} (from 0)", str(error)))
     if pending and seen is not None:
         seen(pending)
+
+
+def shard_records(reader: Reader, plan: Plan, shard: int) -> Iterator[bytes]:
+    """The encoded records of shard `shard` of the plan, read from the parts of the units that
+    hold them (what one Beam worker writes)."""
+    limit = BadLimit(reader.options.skip_bad)
+    for number, start, stop, good in plan.shard_reads(shard):
+        found = 0
+        for item in encoded_items(reader, plan.units[number], start, stop):
+            if isinstance(item, BadRecord):
+                limit.add(item)
+                continue
+            found += 1
+            yield item
+        if found != good:
+            raise DataSourceError(
+                f"{plan.units[number]} held {good} good records at positions {start}..{stop - 1} "
+                f"when counted but {found} when read: did it change during the conversion?"
+            )
