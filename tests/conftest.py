@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -47,6 +49,30 @@ def assert_batches_equal(actual: list[dict], expected: list[dict]) -> None:
         for key in want:
             assert got[key].dtype == want[key].dtype
             np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent JAX compilation cache for the session's processes: this one, and the
+    `resumax train` children and workers, which inherit the environment (a training child spends
+    more time compiling its programs than training). An entry is keyed by the program and the
+    backend, so a process that builds another program still compiles it."""
+    directory = str(tmp_path_factory.mktemp("jax-compilation-cache"))
+    settings = {
+        "jax_compilation_cache_dir": directory,
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    before = {name.upper(): os.environ.get(name.upper()) for name in settings}
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)
+    yield directory
+    for name, value in before.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

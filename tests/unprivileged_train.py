@@ -14,11 +14,14 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
+import jax  # noqa: E402
 import matplotlib.pyplot  # noqa: E402, F401 (imported before the privileges are dropped)
 
 import resumax.cli  # noqa: E402
 import resumax.train.loop  # noqa: E402, F401
 
+# The session's compilation cache (tests/conftest.py) is in root's private temporary directory.
+jax.config.update("jax_compilation_cache_dir", None)
 nobody = pwd.getpwnam("nobody")
 os.setgroups([])
 os.setgid(nobody.pw_gid)
