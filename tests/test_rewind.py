@@ -6,6 +6,7 @@ naming the records the steps trained on."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -60,6 +61,20 @@ def train_run(run_dir: Path, data_dir: Path, steps: int, *extra: str) -> Trainin
     return Training(CONFIG, run_dir, data_dir, [*OVERRIDES, f"train.num_steps={steps}", *extra])
 
 
+@pytest.fixture(scope="module")
+def forty_steps(tmp_path_factory, digits_dir):
+    """A finished 40-step run (checkpoints 20, 30, 40), trained once for the module."""
+    run_dir = tmp_path_factory.mktemp("forty-steps")
+    train_run(run_dir, digits_dir, 40).finish()
+    return run_dir
+
+
+def copy_run(run_dir: Path, target: Path) -> Path:
+    """A copy of a finished run's directory, for a test to go on with as if it had trained it."""
+    shutil.copytree(run_dir, target)
+    return target
+
+
 def stable_lines(run_dir: Path) -> list[dict]:
     lines = read_metrics(run_dir / "metrics.jsonl")
     return [{k: v for k, v in line.items() if k not in VARYING} for line in lines]
@@ -74,9 +89,10 @@ def assert_same_leaves(run_dir: Path, reference_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_rewind_sets_aside_later_steps_skips_and_resumes_bitwise_after_kills(tmp_path, digits_dir):
-    reference = tmp_path / "reference"
-    train_run(reference, digits_dir, 40).finish()
+def test_rewind_sets_aside_later_steps_skips_and_resumes_bitwise_after_kills(
+    tmp_path, digits_dir, forty_steps
+):
+    reference = copy_run(forty_steps, tmp_path / "reference")
     stdout = train_run(reference, digits_dir, 40, "--rewind-to", "25", "--skip-batches", "7")
     stdout = stdout.finish()
     assert "rewound from step 40 to step 20 and skipped 7 batches" in stdout
@@ -96,8 +112,7 @@ def test_rewind_sets_aside_later_steps_skips_and_resumes_bitwise_after_kills(tmp
 
     # The same rewind, then: the process ends before any checkpoint holds the skip (num_steps
     # 20: it stops right after the rewind), a resume SIGTERMed, a resume to the end.
-    run = tmp_path / "interrupted"
-    train_run(run, digits_dir, 40).finish()
+    run = copy_run(forty_steps, tmp_path / "interrupted")
     train_run(run, digits_dir, 20, "--rewind-to", "25", "--skip-batches", "7").finish()
     assert committed_steps(run) == [20]
     training = train_run(run, digits_dir, 40)
@@ -121,9 +136,10 @@ def test_rewind_sets_aside_later_steps_skips_and_resumes_bitwise_after_kills(tmp
     assert Path(first["path"]).parent == digits_dir
 
 
-def test_rewind_to_a_step_without_checkpoint_lists_the_steps_kept(tmp_path, digits_dir):
-    run = tmp_path / "run"
-    train_run(run, digits_dir, 40).finish()
+def test_rewind_to_a_step_without_checkpoint_lists_the_steps_kept(
+    tmp_path, digits_dir, forty_steps
+):
+    run = copy_run(forty_steps, tmp_path / "run")
     training = train_run(run, digits_dir, 40, "--rewind-to", "15", "--skip-batches", "1")
     assert training.wait()[0] == 2
     message = training.stderr_path.read_text()
