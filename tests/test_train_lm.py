@@ -31,13 +31,13 @@ from tests.training_runs import (
 )
 
 CONFIG = REPO / "configs" / "lm_mixture.yaml"
-NUM_STEPS = 60
+NUM_STEPS = 40
 SIGTERM_AT = 15
-# A tiny model on short rows, a checkpoint every 5 steps: each run takes seconds.
+# A tiny model on short rows, a checkpoint every 10 steps: each run takes seconds.
 OVERRIDES = [
     f"train.num_steps={NUM_STEPS}",
     "train.log_every=1",
-    "train.checkpoint_every=5",
+    "train.checkpoint_every=10",
     "optimizer.warmup_steps=5",
     "model.num_layers=1",
     "model.num_heads=2",
