@@ -169,7 +169,7 @@ def baseline(format: str, inputs: list[str], prefix: str) -> None:
 
 def _write_some_shards(reader: Reader, plan: Plan, prefix: str, numbers: range) -> None:
     for shard in numbers:
-        records = stream.shard_records(reader, plan, shard)
+        records = stream.shard_records(reader, plan.shard_reads(shard))
         shards.write_shard(prefix, shard, plan.num_shards, records)
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import re
 import shutil
-from collections.abc import Iterable
-from typing import Any
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -149,38 +151,54 @@ class WriteShards(beam.PTransform):
         )
 
 
+class _PlanSummary(NamedTuple):
+    """What the commit needs of a plan."""
+
+    num_shards: int
+    num_records: int
+    metadata: dict[str, Any]
+
+
+def _task(shard: int, reads: Sequence[tuple[str, int, int, int]]) -> bytes:
+    """A worker's task: the shard number and its `Plan.shard_reads`, pickled and compressed."""
+    return zlib.compress(pickle.dumps((shard, reads)), 1)
+
+
 def _write_planned_shard(
-    shard: int,
+    task: bytes,
     reader: Reader,
-    plan: Plan,
+    num_shards: int,
     prefix: str,
     resume: bool,
     storage_options: storage.StorageOptions,
 ) -> tuple[int, dict | None]:
-    """Writes one shard of the plan; to a URL prefix, into this worker's staging directory,
+    """Writes the shard of a `_task`; to a URL prefix, into this worker's staging directory,
     then uploads it. Returns (shard, its `.done` record for a URL, else None)."""
-    records = shard_records(reader, plan, shard)
+    shard, reads = pickle.loads(zlib.decompress(task))
+    records = shard_records(reader, reads)
     if not storage.is_url(prefix):
-        shards.write_shard(prefix, shard, plan.num_shards, records, resume)
+        shards.write_shard(prefix, shard, num_shards, records, resume)
         return shard, None
     local = shards.staging_prefix(prefix)
-    shards.write_shard(local, shard, plan.num_shards, records, resume)
-    written = shard_paths(local, plan.num_shards)[shard] + shards.PARTIAL
-    remote.upload_file(written, shard_paths(prefix, plan.num_shards)[shard], storage_options)
-    return shard, shards.done_record(local, shard, plan.num_shards)
+    shards.write_shard(local, shard, num_shards, records, resume)
+    written = shard_paths(local, num_shards)[shard] + shards.PARTIAL
+    remote.upload_file(written, shard_paths(prefix, num_shards)[shard], storage_options)
+    return shard, shards.done_record(local, shard, num_shards)
 
 
 def _commit_planned(
     written: list[tuple[int, dict | None]],
     prefix: str,
-    plan: Plan,
+    summary: _PlanSummary,
     resume: bool,
     storage_options: storage.StorageOptions,
 ) -> list[str]:
     if not storage.is_url(prefix):
         numbers = [shard for shard, _ in written]
-        return _commit(numbers, prefix, plan.num_shards, plan.num_records, plan.metadata, resume)
-    urls = shard_paths(prefix, plan.num_shards)
+        return _commit(
+            numbers, prefix, summary.num_shards, summary.num_records, summary.metadata, resume
+        )
+    urls = shard_paths(prefix, summary.num_shards)
     done = dict(written)
     fs, first_key = storage.filesystem(urls[0], storage_options)
     directory = first_key.rpartition("/")[0]
@@ -198,7 +216,7 @@ def _commit_planned(
         name = url.rpartition("/")[2]
         mtime = remote.object_mtime_ns(info)
         entries.append((name, record["records"], record["bytes"], mtime, record["content_hash"]))
-    remote.upload_index(entries, shard_index.index_path(prefix), storage_options, plan.metadata)
+    remote.upload_index(entries, shard_index.index_path(prefix), storage_options, summary.metadata)
     shutil.rmtree(os.path.dirname(shards.staging_prefix(prefix)), ignore_errors=True)
     return urls
 
@@ -230,16 +248,22 @@ def write_beam(
             pass
         except Exception as error:
             raise remote.write_error(index_url, error) from error
+    # Each worker gets its shards' parts of the inputs, not the plan: the plan of many small
+    # inputs (an image folder) is large, and Beam would pickle and bz2 it in every step that
+    # takes it. Each task is bytes, as Beam would infer the type of every value in a list.
+    num_shards, options = plan.num_shards, storage_options
+    tasks = [_task(shard, plan.shard_reads(shard)) for shard in range(num_shards)]
+    summary = _PlanSummary(num_shards, plan.num_records, plan.metadata)
     try:
         with beam.Pipeline(options=PipelineOptions(pipeline_options)) as pipeline:
             _ = (
                 pipeline
                 # Create spreads its elements over the workers (it ends with a Reshuffle).
-                | "Shards" >> beam.Create(list(range(plan.num_shards)))
+                | "Shards" >> beam.Create(tasks)
                 | "WriteShard"
-                >> beam.Map(_write_planned_shard, reader, plan, prefix, resume, storage_options)
+                >> beam.Map(_write_planned_shard, reader, num_shards, prefix, resume, options)
                 | "Written" >> beam.combiners.ToList()
-                | "Commit" >> beam.Map(_commit_planned, prefix, plan, resume, storage_options)
+                | "Commit" >> beam.Map(_commit_planned, prefix, summary, resume, options)
             )
     except Exception as error:
         cause = worker_error(error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,16 +45,17 @@ class Plan:
         """Shard k holds records bounds[k]..bounds[k+1]-1, as `write_shards` cuts them."""
         return np.linspace(0, self.num_records, self.num_shards + 1).astype(int)
 
+    @functools.cached_property
     def first_indices(self) -> list[int]:
-        """The global index of each unit's first good record."""
+        """The global index of each unit's first good record (computed once)."""
         good = np.asarray(self.counts, dtype=np.int64) - np.asarray(self.bad_counts, np.int64)
         return [0, *np.cumsum(good)[:-1].tolist()] if len(good) else []
 
-    def shard_reads(self, shard: int) -> list[tuple[int, int, int, int]]:
-        """What shard `shard` is read from: (unit number, first input position, input position
-        past the last, good records) for each unit that holds some of its records."""
+    def shard_reads(self, shard: int) -> tuple[tuple[str, int, int, int], ...]:
+        """What shard `shard` is read from: (unit, first input position, input position past
+        the last, good records) for each unit that holds some of its records."""
         start, stop = (int(bound) for bound in self.bounds()[shard : shard + 2])
-        firsts = self.first_indices()
+        firsts = self.first_indices
         reads = []
         unit = max(bisect.bisect_right(firsts, start) - 1, 0)
         while unit < len(self.units) and firsts[unit] < stop:
@@ -61,9 +63,10 @@ class Plan:
             low, high = max(start - firsts[unit], 0), min(stop - firsts[unit], good)
             if low < high:
                 first = self._input_position(unit, low)
-                reads.append((unit, first, self._input_position(unit, high - 1) + 1, high - low))
+                last = self._input_position(unit, high - 1)
+                reads.append((self.units[unit], first, last + 1, high - low))
             unit += 1
-        return reads
+        return tuple(reads)
 
     def _input_position(self, unit: int, good_index: int) -> int:
         """The input position of the unit's good record `good_index`."""

@@ -3,16 +3,12 @@ counted against `--skip-bad`: more than allowed fails the conversion, naming the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
 
 from resumax.convert.encoding import encode
 from resumax.convert.formats import Reader
 from resumax.convert.values import BadRecord
 from resumax.errors import DataSourceError, RecordEncodeError
-
-if TYPE_CHECKING:
-    from resumax.convert.plan import Plan
 
 
 def encoded_items(
@@ -80,13 +76,13 @@ def good_records(
         seen(pending)
 
 
-def shard_records(reader: Reader, plan: Plan, shard: int) -> Iterator[bytes]:
-    """The encoded records of shard `shard` of the plan, read from the parts of the units that
-    hold them (what one Beam worker writes)."""
+def shard_records(reader: Reader, reads: Sequence[tuple[str, int, int, int]]) -> Iterator[bytes]:
+    """The encoded records of one shard, read from the parts of the units that hold them
+    (`Plan.shard_reads`: what one Beam worker writes)."""
     limit = BadLimit(reader.options.skip_bad)
-    for number, start, stop, good in plan.shard_reads(shard):
+    for unit, start, stop, good in reads:
         found = 0
-        for item in encoded_items(reader, plan.units[number], start, stop):
+        for item in encoded_items(reader, unit, start, stop):
             if isinstance(item, BadRecord):
                 limit.add(item)
                 continue
@@ -94,6 +90,6 @@ def shard_records(reader: Reader, plan: Plan, shard: int) -> Iterator[bytes]:
             yield item
         if found != good:
             raise DataSourceError(
-                f"{plan.units[number]} held {good} good records at positions {start}..{stop - 1} "
-                f"when counted but {found} when read: did it change during the conversion?"
+                f"{unit} held {good} good records at positions {start}..{stop - 1} when counted "
+                f"but {found} when read: did it change during the conversion?"
             )
