@@ -33,6 +33,7 @@ from tests.remote_sets import (
     assert_cache_trustworthy,
     cache_files,
     config,
+    evicted_but_open,
     local_batches,
     read_all,
     remote,
@@ -184,19 +185,6 @@ def test_a_set_larger_than_the_limit_downloads_at_most_once_per_epoch(
     assert sampler.peak <= limit, sampler.at_peak
 
 
-def _evicted_but_open(pid: int | str = "self") -> list[str]:
-    """Shards a process holds open although they were removed from the cache (their disk space
-    is not freed while they are open)."""
-    found = []
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.endswith(".array_record (deleted)"):
-                    found.append(target)
-    return found
-
-
 def _children(pid: int) -> list[int]:
     """The processes started by `pid` and their own, recursively."""
     found = []
@@ -225,7 +213,7 @@ def test_evicted_shards_are_closed_by_the_next_read(s3_set, tmp_path):
     try:
         for _ in range(290):
             next(iterator)
-            held.append(len(_evicted_but_open()))
+            held.append(len(evicted_but_open()))
     finally:
         iterator.close()
     assert max(held) <= 4, held
@@ -238,7 +226,7 @@ def test_workers_hold_no_evicted_shard_open(s3_set, tmp_path):
     iterator = iter(Pipeline(source, batch_size=BATCH, num_workers=2))
     try:
         take(iterator, 250)
-        held = {pid: len(_evicted_but_open(pid)) for pid in _children(os.getpid())}
+        held = {pid: len(evicted_but_open(pid)) for pid in _children(os.getpid())}
     finally:
         iterator.close()
         del iterator
