@@ -175,6 +175,7 @@ def _write_planned_shard(
     """Writes the shard of a `_task`; to a URL prefix, into this worker's staging directory,
     then uploads it. Returns (shard, its `.done` record for a URL, else None)."""
     shard, reads = pickle.loads(zlib.decompress(task))
+    reader.prepare()
     records = shard_records(reader, reads)
     if not storage.is_url(prefix):
         shards.write_shard(prefix, shard, num_shards, records, resume)

@@ -27,6 +27,10 @@ class Reader:
         """The units of the inputs, in the order their records are taken."""
         return inputs.expand(paths, self.options.format, self.storage_options)
 
+    def prepare(self) -> None:
+        """Imports the libraries reading needs: a Beam worker calls it before its first shard,
+        so that the import counts in its startup."""
+
     def count(self, unit: str) -> int:
         """The number of input records (bad ones included) of `unit`, without converting them."""
         raise NotImplementedError

@@ -14,15 +14,20 @@ from resumax.errors import ConfigError, DataSourceError
 _BATCH_ROWS = 4096
 
 
-def load(path: str, storage_options: Any = None) -> Any:
-    """The `datasets.Dataset` saved at `path`; ConfigError for a DatasetDict (naming its splits)
-    or a missing `datasets` library."""
+def _datasets() -> Any:
     try:
         import datasets
     except ImportError as error:
         raise ConfigError(
             "reading Hugging Face datasets needs the datasets library: pip install 'resumax[hf]'"
         ) from error
+    return datasets
+
+
+def load(path: str, storage_options: Any = None) -> Any:
+    """The `datasets.Dataset` saved at `path`; ConfigError for a DatasetDict (naming its splits)
+    or a missing `datasets` library."""
+    datasets = _datasets()
     try:
         dataset = datasets.load_from_disk(path, storage_options=storage_options)
     except (FileNotFoundError, ValueError, OSError) as error:
@@ -39,6 +44,9 @@ def load(path: str, storage_options: Any = None) -> Any:
 
 
 class HuggingFaceReader(Reader):
+    def prepare(self) -> None:
+        _datasets()
+
     def units(self, paths: Sequence[str]) -> list[str]:
         return sorted(path.rstrip("/") for path in paths)
 

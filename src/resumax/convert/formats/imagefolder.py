@@ -51,6 +51,10 @@ class ImageFolderReader(Reader):
     def _class_name(self, path: str) -> str:
         return self._relative(path).split("/", 1)[0]
 
+    def prepare(self) -> None:
+        if self.options.decode_images:
+            import PIL.Image  # noqa: F401 (imported for `read`)
+
     def _relative(self, path: str) -> str:
         return path[len(self.root) + 1 :].replace("\\", "/")
 

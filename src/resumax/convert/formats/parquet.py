@@ -23,6 +23,9 @@ def _parquet():
 
 
 class ParquetReader(Reader):
+    def prepare(self) -> None:
+        _parquet()
+
     def _file(self, unit: str):
         parquet = _parquet()
         try:
