@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 
@@ -21,23 +22,34 @@ from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, Pipeline
 
 BATCH_SIZE = 4
 STUCK_RECORD = 20
+# The file the stage creates as it gets stuck (in whichever process or thread runs it).
+MARKER = "RESUMAX_TEST_STUCK_MARKER"
 # Keeps an iterator alive until the interpreter exits.
 OPEN_ITERATORS = []
 
 
 def hang_on_record_20(example: dict) -> dict:
     if int(example["id"]) == STUCK_RECORD:
+        open(os.environ[MARKER], "w").close()
         time.sleep(3600)
     return example
 
 
 def stuck_iterator(pipeline: Pipeline):
-    """An iterator whose next batch waits for the stuck stage (which has started by now)."""
+    """An iterator whose next batch waits for the stuck stage: started by now when a worker or
+    the prefetch thread reads ahead (it runs in next() otherwise)."""
+    marker = os.environ[MARKER]
+    if os.path.exists(marker):
+        os.remove(marker)
     pipeline.source.seek(0, 0)
     batches = iter(pipeline)
     for _ in range(STUCK_RECORD // BATCH_SIZE):
         next(batches)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while (pipeline.num_workers or pipeline.prefetch) and not os.path.exists(marker):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the stage never reached record {STUCK_RECORD} ({marker})")
+        time.sleep(0.002)
     return batches
 
 
@@ -48,6 +60,7 @@ def timed(action) -> float:
 
 
 def main(data_glob: str, num_workers: int, prefetch: int, mode: str) -> None:
+    os.environ[MARKER] = os.path.join(os.path.dirname(data_glob), "stuck-stage-marker")
     source = ArrayRecordSourceModule(ArrayRecordSourceConfig(seed=0), data_glob)
     pipeline = Pipeline(
         source,
