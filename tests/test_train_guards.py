@@ -280,12 +280,12 @@ def test_a_save_failing_mid_run_ends_with_one_checkpoint_error_and_keeps_the_las
 
 def full_disk(limit: int) -> list[str]:
     """Runs the command with files limited to `limit` bytes, as on a full disk: writes past it
-    fail with EFBIG (SIGXFSZ ignored). Nothing else is limited, not even for root. It compiles
-    without the session's compilation cache (tests/conftest.py), whose writes would fail too."""
+    fail with EFBIG (SIGXFSZ ignored). Nothing else is limited, not even for root. It reads
+    the session's compilation cache (tests/conftest.py) but writes no entry: that would fail too."""
     return [
         "-c",
         "import os, resource, runpy, signal, sys\n"
-        "del os.environ['JAX_COMPILATION_CACHE_DIR']\n"
+        f"os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '{2**62}'\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
         "sys.argv = ['resumax', 'train', *sys.argv[1:]]\n"
