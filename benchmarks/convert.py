@@ -2,7 +2,7 @@
 processes, against the format's own reader followed by `write_shards`.
 
 Run: `.venv/bin/python benchmarks/convert.py [--records 100000] [--formats jsonl,csv,...]
-[--repeats 3]` (about 15 minutes on 2 cores). Each format's input is 4 files (an image folder:
+[--repeats 3]` (about 8 minutes on 2 cores). Each format's input is 4 files (an image folder:
 4 class directories; a Hugging Face dataset: one directory) of records like
 `tests/convert_inputs.py` writes (an id, a short text, a float, a pair of floats; 4x4 PNGs for
 images), written once into a temporary directory. Every conversion writes 8 shards. The baseline
