@@ -236,34 +236,6 @@ def test_a_list_mixing_numbers_and_strings_is_a_bad_record_naming_its_field(tmp_
         convert([str(tmp_path / "m.jsonl")], str(tmp_path / "t"))
 
 
-@pytest.mark.parametrize(
-    "record",
-    [
-        {"i": np.int64(-3), "f": np.float64(0.5), "s": "text", "b": b"\0raw", "n": None},
-        {"u": np.uint8(7), "h": np.float16(1.5), "flag": np.bool_(True), "x": 1.25, "t": False},
-        {"v": np.arange(6, dtype=np.int32).reshape(2, 3).T, "e": np.zeros((0, 4), np.float32)},
-        {"big": np.zeros(70_000, np.uint8), "mid": np.ones(300), "w": np.array(["ab", "c"])},
-        {"subclass": np.str_("x"), "int": 3, "bytes_array": np.array([b"a", b"bc"])},
-        {"date": np.datetime64("2024-01-02"), "be": np.arange(3, dtype=">i4")},
-    ],
-)
-def test_the_engines_encoder_writes_the_codecs_bytes(record):
-    from resumax.convert.encoding import encode
-    from resumax.records.codec import encode as codec_encode
-
-    assert encode(record) == codec_encode(record)
-
-
-def test_the_engines_encoder_refuses_what_the_codec_refuses():
-    from resumax.convert.encoding import encode
-    from resumax.errors import RecordEncodeError
-
-    with pytest.raises(RecordEncodeError, match="'o' has dtype object"):
-        encode({"o": np.array([{}, None], dtype=object)})
-    with pytest.raises(RecordEncodeError, match="field names must be str"):
-        encode({1: np.int64(1)})
-
-
 def test_tfrecord_records_are_what_tfexample_parses_with_bytes_lists_as_bytes_arrays(tmp_path):
     from resumax.convert.formats.tfrecord import frame
     from resumax.records.tfexample import Example, TFExample

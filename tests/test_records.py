@@ -11,6 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 import resumax
 from resumax.errors import RecordDecodeError, RecordEncodeError
+from resumax.records import codec
 
 DTYPES = st.one_of(
     hnp.boolean_dtypes(),
@@ -28,6 +29,7 @@ DTYPES = st.one_of(
 @settings(max_examples=200, deadline=None)
 @given(hnp.arrays(DTYPES, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
 def test_arrays_of_any_dtype_and_shape_round_trip_exactly(array):
+    assert codec.encode({"x": array}) == codec._encode_checked({"x": array})
     decoded = resumax.decode(resumax.encode({"x": array}))["x"]
     assert decoded.dtype == array.dtype
     assert decoded.shape == array.shape
@@ -58,9 +60,37 @@ def test_numpy_scalars_keep_their_type(scalar):
     )
 )
 def test_python_scalars_round_trip(example):
+    assert codec.encode(example) == codec._encode_checked(example)
     decoded = resumax.decode(resumax.encode(example))
     assert decoded == example
     assert [type(v) for v in decoded.values()] == [type(v) for v in example.values()]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"i": np.int64(-3), "f": np.float64(0.5), "s": "text", "b": b"\0raw", "n": None},
+        {"u": np.uint8(7), "h": np.float16(1.5), "flag": np.bool_(True), "x": 1.25, "t": False},
+        {"v": np.arange(6, dtype=np.int32).reshape(2, 3).T, "e": np.zeros((0, 4), np.float32)},
+        {"big": np.zeros(70_000, np.uint8), "mid": np.ones(300), "w": np.array(["ab", "c"])},
+        {"subclass": np.str_("x"), "int": 3, "bytes_array": np.array([b"a", b"bc"])},
+        {"date": np.datetime64("2024-01-02"), "be": np.arange(3, dtype=">i4")},
+    ],
+)
+def test_the_fast_path_writes_the_bytes_of_the_checked_path(record):
+    assert codec.encode(record) == codec._encode_checked(record)
+    decoded = codec.decode(codec.encode(record))
+    for name, value in record.items():
+        assert np.asarray(decoded[name]).tobytes() == np.asarray(value).tobytes(), name
+
+
+def test_the_fast_path_leaves_the_errors_to_the_checked_path():
+    with pytest.raises(RecordEncodeError, match="'o' has dtype object"):
+        codec.encode({"o": np.array([{}, None], dtype=object)})
+    with pytest.raises(RecordEncodeError, match="field names must be str"):
+        codec.encode({1: np.int64(1)})
+    with pytest.raises(RecordEncodeError, match="'n' holds 18446744073709551616"):
+        codec.encode({"n": 2**64})
 
 
 def test_non_contiguous_arrays_are_stored_in_c_order():

@@ -26,12 +26,12 @@ import numpy as np
 
 from resumax import errors
 from resumax.convert import shards
-from resumax.convert.encoding import encode
 from resumax.convert.formats import Reader
 from resumax.convert.plan import Plan
 from resumax.convert.stream import shard_records
 from resumax.errors import DataSourceError, ResumaxError
 from resumax.records import remote, shard_index, storage
+from resumax.records.codec import encode
 from resumax.records.writers import shard_paths
 
 

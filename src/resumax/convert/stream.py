@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
-from resumax.convert.encoding import encode
 from resumax.convert.formats import Reader
 from resumax.convert.values import BadRecord
 from resumax.errors import DataSourceError, RecordEncodeError
+from resumax.records.codec import encode
 
 
 def encoded_items(
