@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+import resumax
 from resumax import ArrayRecordSourceConfig, ArrayRecordSourceModule, cli
 
 
@@ -63,3 +66,20 @@ def test_bad_shard_count_is_an_argument_error(tmp_path):
     with pytest.raises(SystemExit) as exited:
         cli.main(["convert", str(tmp_path / "x.npz"), str(tmp_path / "t"), "--shards", "0"])
     assert exited.value.code == 2
+
+
+def test_the_command_line_and_the_converter_start_without_jax():
+    """`resumax convert` / `index` and a converter's Beam worker import only what they use: the
+    package's names load on first use, and JAX and Flax with the pipeline."""
+    script = (
+        "import sys, resumax, resumax.cli, resumax.convert.local, resumax.records\n"
+        "assert resumax.encode is resumax.records.encode\n"
+        "print(sorted(m for m in ('jax', 'flax', 'grain') if m in sys.modules))\n"
+        "resumax.Pipeline\n"
+        "print('jax' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'Pipelin'"):
+        resumax.Pipelin  # noqa: B018

@@ -15,11 +15,11 @@ import sys
 from resumax.convert import cli as convert_cli
 from resumax.errors import CheckpointError, ConfigError, ResumaxError
 from resumax.records import indexing
-from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
-from resumax.tools import summary
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from resumax.tools import summary
+
     print(json.dumps(summary.describe(args.paths, args.storage_options), indent=2))
     return 0
 
@@ -78,6 +78,7 @@ def _batches(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from resumax.pipeline import Pipeline
     from resumax.profile import profile_pipeline
+    from resumax.sources import ArrayRecordSourceConfig, ArrayRecordSourceModule
 
     if args.config:
         for flag, value, key in (
