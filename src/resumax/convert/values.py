@@ -109,13 +109,22 @@ def csv_value(text: str) -> Any:
 
 
 def csv_cell(text: str) -> Any:
-    """`csv_value` as a record value directly: np.int64, np.float64, str, or None."""
+    """`csv_value` as a record value directly: np.int64, np.float64, str, or None (an empty
+    cell, or an int outside int64, which the caller refuses). Inlined: it runs once per cell."""
+    if not text:
+        return None
+    first = text[0]
+    if not (first.isdigit() or first in "+-."):
+        return text
     if len(text) < 19 and text.isdigit() and text.isascii():  # the common int, in range
         return np.int64(int(text))
-    value = csv_value(text)
-    if type(value) is int:
-        return np.int64(value) if _INT64_MIN <= value <= _INT64_MAX else None  # refused below
-    return np.float64(value) if type(value) is float else value
+    if _INT.match(text):
+        value = int(text)
+        return np.int64(value) if _INT64_MIN <= value <= _INT64_MAX else None
+    try:
+        return np.float64(float(text))
+    except ValueError:
+        return text
 
 
 def make_record(
