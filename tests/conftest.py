@@ -90,5 +90,6 @@ def single_file(tmp_path):
     return str(path)
 
 
-# Object storage servers on 127.0.0.1: s3_server, s3_bucket, gcs_server, gcs_bucket.
-pytest_plugins = ["tests.buckets", "tests.remote_sets"]
+# Object storage servers on 127.0.0.1 (s3_server, s3_bucket, gcs_server, gcs_bucket), the remote
+# sets, and the guard tests' digits data (digits_dir).
+pytest_plugins = ["tests.buckets", "tests.remote_sets", "tests.train_guard_runs"]

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import pty
 import re
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 import tempfile
-import termios
-import time
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from resumax.errors import ConfigError, StageError
@@ -31,32 +25,18 @@ from resumax.pipeline import Pipeline
 from resumax.sources import ArrayRecordSourceConfig, MemorySource
 from resumax.train.checks import label_range_check, unwrap_config_error
 from resumax.train.config import load_config
-from resumax.train.datasets import prepare_digits
-from resumax.train.loop import train
 from resumax.train.run_lock import RunLock
 from resumax.train.runlog import read_metrics
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "digits.yaml"
-TIMEOUT = 120
-# A tiny MLP, a checkpoint every 5 steps: a run reaches its first step in a few seconds.
-OVERRIDES = [
-    "train.log_every=1",
-    "train.eval_every=1000",
-    "train.checkpoint_every=5",
-    "model.hidden_sizes=[16]",
-    "model.dropout=0.0",
-    "data.batch_size=16",
-    "optimizer.schedule=constant",
-]
-ENDLESS = 100_000
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data") / "digits"
-    prepare_digits(directory)
-    return directory
+from tests.train_guard_runs import (
+    CONFIG,
+    ENDLESS,
+    REPO,
+    Training,
+    committed_steps,
+    error_lines,
+    restore_latest,
+    train_in_process,
+)
 
 
 @pytest.fixture
@@ -72,87 +52,9 @@ def world_dir(digits_dir):
     shutil.rmtree(directory, ignore_errors=True)
 
 
-class Training:
-    """A `resumax train` child process; stdout / stderr go to pipes read at the end."""
-
-    def __init__(
-        self, run_dir, data_dir, *overrides, num_steps=20, launcher=(), config=CONFIG, **popen
-    ):
-        command = [
-            sys.executable,
-            *(launcher or ["-m", "resumax", "train"]),
-            "--config",
-            str(config),
-            *OVERRIDES,
-            f"train.num_steps={num_steps}",
-            f"data.dir={data_dir}",
-            f"train.run_dir={run_dir}",
-            *overrides,
-        ]
-        self.run_dir = Path(run_dir)
-        popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
-        self.process = subprocess.Popen(command, cwd=REPO, text=True, **popen)
-
-    def send(self, signum: int) -> None:
-        os.kill(self.process.pid, signum)
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def wait(self) -> tuple[int, str, str]:
-        stdout, stderr = self.process.communicate(timeout=TIMEOUT)
-        return self.process.returncode, stdout, stderr
-
-    def wait_for(self, condition, what: str) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not condition():
-            assert self.running(), f"exited before {what}: {self.wait()}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.005)
-
-    def logged(self) -> list[int]:
-        return [line["step"] for line in read_metrics(self.run_dir / "metrics.jsonl")]
-
-
-def train_in_process(run_dir: Path, data_dir: Path, *overrides: str, num_steps: int = 5):
-    """The same training as the subprocesses run, in this process (no interpreter start-up)."""
-    config = load_config(
-        CONFIG,
-        [
-            *OVERRIDES,
-            f"train.num_steps={num_steps}",
-            f"data.dir={data_dir}",
-            f"train.run_dir={run_dir}",
-            *overrides,
-        ],
-    )
-    return train(config)
-
-
 def unprivileged() -> list[str]:
     """Runs the command as `nobody` (see tests/unprivileged_train.py)."""
     return [str(REPO / "tests" / "unprivileged_train.py")]
-
-
-def committed_steps(run_dir: Path) -> list[int]:
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-def restore_latest(run_dir: Path) -> tuple[int, list[np.ndarray]]:
-    """The latest committed step and its arrays, read by a plain Orbax CheckpointManager."""
-    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
-        step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    import jax
-
-    return step, [np.asarray(leaf) for leaf in jax.tree.leaves(restored.state)]
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "Error" in line or "Traceback" in line]
 
 
 def others_can_enter(path: Path) -> bool:
@@ -313,84 +215,6 @@ def test_a_full_disk_during_a_checkpoint_is_one_checkpoint_error_line(tmp_path, 
     assert (result.resumed_from, result.step) == (5, 30)
 
 
-# 3. Signals --------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_first_ctrl_c_saves_the_current_step_and_exits_130(tmp_path, digits_dir):
-    run_dir = tmp_path / "run"
-    training = Training(run_dir, digits_dir, num_steps=ENDLESS)
-    training.wait_for(lambda: training.logged()[-1:] >= [3], "step 3")
-    training.send(signal.SIGINT)
-    status, stdout, stderr = training.wait()
-    assert status == 130, stdout + stderr
-    saved = int(re.search(r"interrupted: saved step (\d+)", stdout)[1])
-    assert saved >= 3 and committed_steps(run_dir)[-1] == saved
-    assert "KeyboardInterrupt" not in stderr and "Traceback" not in stderr
-    assert training.logged() == list(range(1, saved + 1))
-    assert restore_latest(run_dir)[0] == saved
-
-
-@pytest.mark.slow
-def test_a_second_ctrl_c_waits_for_the_commit(tmp_path, digits_dir):
-    run_dir = tmp_path / "run"
-    training = Training(run_dir, digits_dir, num_steps=ENDLESS)
-    training.wait_for(lambda: training.logged()[-1:] >= [3], "step 3")
-    training.send(signal.SIGINT)
-    time.sleep(0.1)  # Python runs a handler once for signals that arrive before it runs
-    training.send(signal.SIGINT)
-    status, stdout, stderr = training.wait()
-    assert status == 130, stdout + stderr
-    assert "waiting for the checkpoint to commit" in stderr
-    saved = int(re.search(r"interrupted: saved step (\d+)", stdout)[1])
-    assert committed_steps(run_dir)[-1] == saved
-    assert "Traceback" not in stderr
-
-
-@pytest.mark.slow
-def test_a_third_ctrl_c_aborts_and_the_committed_steps_stay_restorable(tmp_path, digits_dir):
-    run_dir, stderr_path = tmp_path / "run", tmp_path / "stderr.txt"
-    # A wide model (~200 MB of params and optimizer state) makes the save long enough for three
-    # Ctrl-C; stderr goes to a file so that each signal is sent only once the handler has answered
-    # the previous one (pending signals that reach Python together run its handler once).
-    with open(stderr_path, "w") as stderr_file:
-        training = Training(
-            run_dir,
-            digits_dir,
-            "model.hidden_sizes=[4096,4096]",
-            num_steps=ENDLESS,
-            stderr=stderr_file,
-        )
-        training.wait_for(lambda: committed_steps(run_dir)[-1:] >= [10], "step 10 committed")
-        for answer in ("saving the current step", "waiting for the checkpoint", None):
-            training.send(signal.SIGINT)
-            if answer is not None:
-                training.wait_for(lambda a=answer: a in stderr_path.read_text(), repr(answer))
-        status, stdout, _ = training.wait()
-    stderr = stderr_path.read_text()
-    assert status == 130, stdout + stderr
-    assert "aborted (Ctrl-C)" in stderr and "Traceback" not in stderr
-    step, arrays = restore_latest(run_dir)
-    assert step >= 10 and all(np.isfinite(a).all() for a in arrays)
-
-
-@pytest.mark.slow
-def test_sigterms_after_the_first_cannot_kill_the_run_while_it_saves_prints_and_exits(
-    tmp_path, digits_dir
-):
-    run_dir = tmp_path / "run"
-    training = Training(run_dir, digits_dir, num_steps=ENDLESS)
-    training.wait_for(lambda: training.logged()[-1:] >= [3], "step 3")
-    while training.running():  # a SIGTERM every 10 ms until the process has exited
-        training.send(signal.SIGTERM)
-        time.sleep(0.01)
-    status, stdout, stderr = training.wait()
-    assert status == 0, stdout + stderr
-    saved = int(re.search(r"preempted \(SIGTERM\): saved step (\d+)", stdout)[1])
-    assert committed_steps(run_dir)[-1] == saved
-    assert (run_dir / "loss.png").exists()
-
-
 # 4. One process per run directory ----------------------------------------------------------------
 
 
@@ -467,40 +291,3 @@ def test_resuming_with_another_model_or_data_seed_names_the_path_shapes_and_conf
     assert "it was written with data.seed=0, this config has data.seed=7" in stderr
     assert "rng_seed" not in stderr and "rngs" not in stderr
     assert committed_steps(run_dir) == [5]
-
-
-# 6. Input-bound metrics --------------------------------------------------------------------------
-
-
-def test_every_metrics_line_reports_the_time_the_loop_waited_for_data(tmp_path, digits_dir):
-    started = time.perf_counter()
-    train_in_process(tmp_path, digits_dir, num_steps=12)
-    elapsed = time.perf_counter() - started
-    lines = read_metrics(tmp_path / "metrics.jsonl")
-    assert [line["step"] for line in lines] == list(range(1, 13))
-    for line in lines:
-        assert 0 <= line["data_wait_fraction"] <= 1
-        assert 0 <= line["data_wait_s"] < elapsed
-    assert sum(line["data_wait_s"] for line in lines) < elapsed
-
-
-@pytest.mark.slow
-def test_the_progress_bar_in_a_terminal_shows_the_data_wait_fraction(tmp_path, digits_dir):
-    controller, terminal = pty.openpty()
-    termios.tcsetwinsize(terminal, (24, 200))  # rows, columns: tqdm draws nothing in 0 columns
-    training = Training(tmp_path / "run", digits_dir, num_steps=12, stderr=terminal)
-    os.close(terminal)
-    output = b""
-    while chunk := _read_terminal(controller):
-        output += chunk
-    os.close(controller)
-    assert training.process.wait(timeout=TIMEOUT) == 0, output
-    assert re.search(rb"data_wait_fraction=\d\.\d\d", output), output
-
-
-def _read_terminal(descriptor: int) -> bytes:
-    """Bytes from a pseudo-terminal's controller side; b"" once the child closed it."""
-    try:
-        return os.read(descriptor, 65536)
-    except OSError:  # EIO: no process holds the terminal side any more
-        return b""
