@@ -26,9 +26,11 @@ logger = logging.getLogger("resumax.workers")
 
 # "forkserver": workers are forked from a small server process started fresh (not from this
 # process, whose JAX runtime may already run threads, which fork does not copy safely), and the
-# server has imported resumax and the main module once, so a worker starts in milliseconds
-# instead of re-importing jax and flax as "spawn" would.
+# server has imported the main module and what a worker unpickles (the pipeline, sources and
+# stages, and with them jax and flax) once, so a worker starts in milliseconds instead of
+# re-importing them as "spawn" would. Named one by one: `import resumax` loads its names lazily.
 START_METHOD = "forkserver"
+_PRELOAD = ["__main__", "resumax.pipeline", "resumax.sources", "resumax.stages"]
 SEGMENT_PREFIX = "resumax"
 # Seconds the parent waits for one result before it logs a warning naming the worker (and again
 # after each further such wait) when the pipeline has no `worker_timeout`. Read at each wait:
@@ -49,7 +51,7 @@ LEASED_SLOTS = 4
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context(START_METHOD)
     # Only the first start of the fork server reads the preload list.
-    context.set_forkserver_preload(["__main__", "resumax"])
+    context.set_forkserver_preload(_PRELOAD)
     return context
 
 
