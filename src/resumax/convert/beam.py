@@ -13,8 +13,8 @@ engine instead has each worker read its shard's records from the input itself.
 from __future__ import annotations
 
 import functools
+import json
 import os
-import pickle
 import re
 import shutil
 import zlib
@@ -160,8 +160,9 @@ class _PlanSummary(NamedTuple):
 
 
 def _task(shard: int, reads: Sequence[tuple[str, int, int, int]]) -> bytes:
-    """A worker's task: the shard number and its `Plan.shard_reads`, pickled and compressed."""
-    return zlib.compress(pickle.dumps((shard, reads)), 1)
+    """A worker's task: the shard number and its `Plan.shard_reads`, as compressed JSON."""
+    plain = [[unit, int(start), int(stop), int(good)] for unit, start, stop, good in reads]
+    return zlib.compress(json.dumps([shard, plain]).encode(), 1)
 
 
 def _write_planned_shard(
@@ -174,7 +175,7 @@ def _write_planned_shard(
 ) -> tuple[int, dict | None]:
     """Writes the shard of a `_task`; to a URL prefix, into this worker's staging directory,
     then uploads it. Returns (shard, its `.done` record for a URL, else None)."""
-    shard, reads = pickle.loads(zlib.decompress(task))
+    shard, reads = json.loads(zlib.decompress(task))
     reader.prepare()
     records = shard_records(reader, reads)
     if not storage.is_url(prefix):
