@@ -258,3 +258,23 @@ def test_tfrecord_records_are_what_tfexample_parses_with_bytes_lists_as_bytes_ar
         assert sorted(record) == sorted(expected)
         for name, value in expected.items():
             assert record[name].dtype == value.dtype and record[name].tolist() == value.tolist()
+
+
+@pytest.mark.parametrize(
+    "cell",
+    ["", "a", "12", "-12", "+3", "1.5", ".5", "-.5e3", "1e5", "nan", "inf", "1_000", " 1", "1 "]
+    + ["٣", "²", "+", "-", ".", "1.2.3", "0x10", "3abc", "1\n", "-9223372036854775808"]
+    + ["9223372036854775808", "99999999999999999999"],
+)
+def test_a_csv_cell_is_typed_as_csv_value_reads_it(cell):
+    """`csv_cell` (inlined for the hot path) gives `csv_value`'s value as a record value."""
+    from resumax.convert.values import csv_cell, csv_value
+
+    value = csv_value(cell)
+    if type(value) is int:
+        expected = np.int64(value) if -(2**63) <= value < 2**63 else None
+    else:
+        expected = np.float64(value) if type(value) is float else value
+    got = csv_cell(cell)
+    assert type(got) is type(expected)
+    assert got is expected or got == expected or (got != got and expected != expected)
